@@ -1,0 +1,1 @@
+"""The LongCat-Flash model on a moeport Runtime."""

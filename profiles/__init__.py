@@ -1,0 +1,1 @@
+"""The YAML profiles shipped with moeport, found by name with `--profile NAME`."""
