@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import torch
 
-from moeport.collectives.base import Communicator, CompletedHandle, ReduceOp
+from moeport.collectives.base import Communicator, CompletedHandle, Handle, ReduceOp
 
 
 class LocalCommunicator(Communicator):
@@ -19,38 +19,29 @@ class LocalCommunicator(Communicator):
     def library(self) -> str:
         return "local"
 
-    def _done(self, result: Any, async_op: bool) -> Any:
-        return CompletedHandle(result) if async_op else result
-
     def new_group(self, ranks: Sequence[int]) -> Communicator | None:
         return self if list(ranks) == [0] else None
 
-    def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, async_op: bool = False) -> Any:
-        return self._done(tensor, async_op)
+    def _all_reduce(self, tensor: torch.Tensor, op: ReduceOp) -> Handle:
+        return CompletedHandle(tensor)
 
-    def all_gather(self, tensor: torch.Tensor, output: torch.Tensor | None = None, async_op: bool = False) -> Any:
-        out = self._gather_output(tensor, output)
-        out.copy_(tensor)
-        return self._done(out, async_op)
+    def _all_gather(self, tensor: torch.Tensor, output: torch.Tensor) -> Handle:
+        return CompletedHandle(output.copy_(tensor))
 
-    def reduce_scatter(self, tensor, output=None, op=ReduceOp.SUM, async_op=False) -> Any:
-        out = self._scatter_output(tensor, output)
-        out.copy_(tensor)
-        return self._done(out, async_op)
+    def _reduce_scatter(self, tensor: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> Handle:
+        return CompletedHandle(output.copy_(tensor))
 
-    def all_to_all(self, tensor, output=None, input_splits=None, output_splits=None, async_op=False) -> Any:
-        out = self._a2a_output(tensor, output, output_splits)
-        out.copy_(tensor)
-        return self._done(out, async_op)
+    def _all_to_all(self, tensor, output, input_splits, output_splits) -> Handle:
+        return CompletedHandle(output.copy_(tensor))
 
-    def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
-        return self._done(tensor, async_op)
+    def _broadcast(self, tensor: torch.Tensor, src: int) -> Handle:
+        return CompletedHandle(tensor)
 
-    def barrier(self, async_op: bool = False) -> Any:
-        return self._done(None, async_op)
+    def _barrier(self) -> Handle:
+        return CompletedHandle(None)
 
-    def send(self, tensor: torch.Tensor, dst: int, async_op: bool = False) -> Any:
+    def _send(self, tensor: torch.Tensor, dst: int) -> Handle:
         raise ValueError("a group of one rank has no peer to send to")
 
-    def recv(self, tensor: torch.Tensor, src: int, async_op: bool = False) -> Any:
+    def _recv(self, tensor: torch.Tensor, src: int) -> Handle:
         raise ValueError("a group of one rank has no peer to receive from")

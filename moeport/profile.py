@@ -29,6 +29,8 @@ class CollectivesSection(_Section):
     library: Literal["torch", "mpi"] = "torch"
     backend: str | None = Field(default=None, min_length=1)  # torch.distributed backend name
     timeout_s: float = Field(default=60.0, gt=0)
+    # Force the documented fallbacks even where the library has the native op (testing, debugging).
+    fallbacks: list[Literal["uneven_all_to_all", "reduce_scatter", "avg", "async"]] = []
 
 
 class ParallelSection(_Section):

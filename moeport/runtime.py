@@ -89,7 +89,7 @@ def _init_torch_distributed(profile: Profile, backend: Backend, rank_env: RankEn
     if backend.device_type != "cpu" and "device_id" in dist.init_process_group.__code__.co_varnames:
         kwargs["device_id"] = backend.device()
     dist.init_process_group(**kwargs)
-    return TorchDistCommunicator(timeout_s=profile.collectives.timeout_s)
+    return TorchDistCommunicator(timeout_s=profile.collectives.timeout_s, force_fallbacks=profile.collectives.fallbacks)
 
 
 def _store_over_mpi(rank_env: RankEnv, timeout: datetime.timedelta) -> Any:
@@ -173,7 +173,9 @@ class Runtime:
         if profile.collectives.library == "mpi":
             from moeport.collectives.mpi import MPICommunicator
 
-            world: Communicator = MPICommunicator.world(timeout_s=profile.collectives.timeout_s)
+            world: Communicator = MPICommunicator.world(
+                timeout_s=profile.collectives.timeout_s, force_fallbacks=profile.collectives.fallbacks
+            )
         else:
             world = _init_torch_distributed(profile, backend, rank_env)
         try:
