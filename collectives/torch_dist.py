@@ -23,6 +23,13 @@ _TORCH_OPS = {
     ReduceOp.MIN: dist.ReduceOp.MIN,
 }
 
+# Operations a torch.distributed backend lacks, served by the base class's declared fallbacks.
+# gloo's reduce_scatter Work never reports completion until waited for (it is a composite
+# finished inside wait()), so async use cannot overlap it; all_reduce + slice can.
+KNOWN_GAPS: dict[str, frozenset[str]] = {
+    "gloo": frozenset({"reduce_scatter"}),
+}
+
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
@@ -69,12 +76,13 @@ class TorchDistCommunicator(Communicator):
 
     def __init__(self, group: Any = None, timeout_s: float = 60.0, force_fallbacks: Iterable[str] = ()) -> None:
         group = group if group is not None else dist.group.WORLD
+        self._backend_name = str(dist.get_backend(group))
+        self.lacks = KNOWN_GAPS.get(self._backend_name, frozenset())
         super().__init__(
             dist.get_rank(group), dist.get_world_size(group), dist.get_process_group_ranks(group),
             timeout_s, force_fallbacks,
         )
         self.group = group
-        self._backend_name = str(dist.get_backend(group))
 
     @property
     def library(self) -> str:

@@ -1,0 +1,290 @@
+"""The conformance suite: every Backend and Communicator operation checked against a local reference.
+
+Each rank builds every rank's rank-tagged, small-integer-valued input itself, so
+the expected result of each collective is known exactly without trusting the
+library under test. A cell of the matrix (operation x dtype) is:
+
+- pass:        the native operation gave the exact answer;
+- fallback:    a declared fallback served it and gave the exact answer;
+- unsupported: the backend does not claim the dtype, or the operation does not apply to it;
+- FAIL:        a wrong answer or an error (the suite then exits 1).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from typing import Any, Callable
+
+import torch
+
+from moeport.collectives.base import Communicator, ReduceOp
+from moeport.runtime import Runtime
+
+DTYPES = ("float32", "bfloat16", "float16", "int64")
+NO_DTYPE = "-"
+STATUS_ORDER = ("pass", "fallback", "unsupported", "FAIL")
+
+
+@dataclasses.dataclass
+class Cell:
+    """The outcome of one operation for one dtype."""
+
+    status: str
+    detail: str = ""
+
+
+def rank_data(rank: int, rows: int, width: int, dtype: torch.dtype, salt: int = 0) -> torch.Tensor:
+    """Rank-tagged small integers (exact in every dtype): what `rank` contributes to a check."""
+    base = torch.arange(rows * width, dtype=torch.int64).reshape(rows, width)
+    return ((base * 5 + salt) % 11 + 3 * rank + 1).to(dtype)
+
+
+def _expect(got: torch.Tensor, want: torch.Tensor, what: str) -> None:
+    if got.dtype != want.dtype or got.shape != want.shape:
+        raise AssertionError(f"{what}: got {got.dtype} {tuple(got.shape)}, expected {want.dtype} {tuple(want.shape)}")
+    if not torch.equal(got, want):
+        bad = (got != want).nonzero()
+        first = tuple(bad[0].tolist()) if len(bad) else ()
+        raise AssertionError(f"{what}: {len(bad)} wrong values, first at {first}: {got[first]} != {want[first]}")
+
+
+class Suite:
+    """The checks, run on one rank; each returns None (pass) or raises."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.comm: Communicator = rt.comm
+        self.rank, self.world = self.comm.rank, self.comm.world_size
+        self.device = rt.device
+
+    def data(self, rank: int, rows: int, dtype: torch.dtype, width: int = 5, salt: int = 0) -> torch.Tensor:
+        return rank_data(rank, rows, width, dtype, salt).to(self.device)
+
+    # -- collectives ----------------------------------------------------------
+    def all_reduce(self, dtype: torch.dtype, op: ReduceOp) -> None:
+        inputs = [self.data(r, 4, dtype, salt=1) for r in range(self.world)]
+        stacked = torch.stack([t.to(torch.float64) for t in inputs])
+        reference = {
+            ReduceOp.SUM: stacked.sum(0), ReduceOp.AVG: stacked.sum(0) / self.world,
+            ReduceOp.MAX: stacked.max(0).values, ReduceOp.MIN: stacked.min(0).values,
+        }[op]
+        got = self.comm.all_reduce(inputs[self.rank].clone(), op)
+        if op is ReduceOp.AVG:
+            torch.testing.assert_close(got.to(torch.float64), reference, rtol=1e-2, atol=1e-2)
+        else:
+            _expect(got, reference.to(dtype), f"all_reduce({op.value})")
+
+    def all_gather(self, dtype: torch.dtype) -> None:
+        want = torch.cat([self.data(r, 3, dtype) for r in range(self.world)])
+        _expect(self.comm.all_gather(self.data(self.rank, 3, dtype)), want, "all_gather")
+
+    def reduce_scatter(self, dtype: torch.dtype) -> None:
+        rows = 2
+        full = sum(self.data(r, rows * self.world, dtype, salt=2).to(torch.float64) for r in range(self.world))
+        want = full[self.rank * rows:(self.rank + 1) * rows].to(dtype)
+        _expect(self.comm.reduce_scatter(self.data(self.rank, rows * self.world, dtype, salt=2)), want, "reduce_scatter")
+
+    def _a2a_splits(self, src: int, dst: int, kind: str) -> int:
+        if kind == "equal":
+            return 2
+        if kind == "empty":
+            return 0
+        return (3 * src + dst) % 4  # uneven, with zero-size splits for some pairs
+
+    def all_to_all(self, dtype: torch.dtype, kind: str, async_op: bool = False) -> None:
+        w = self.world
+        sends = [[self.data(src, self._a2a_splits(src, dst, kind), dtype, salt=dst) for dst in range(w)] for src in range(w)]
+        mine = torch.cat(sends[self.rank])
+        ins = [self._a2a_splits(self.rank, d, kind) for d in range(w)]
+        outs = [self._a2a_splits(s, self.rank, kind) for s in range(w)]
+        want = torch.cat([sends[src][self.rank] for src in range(w)])
+        result = self.comm.all_to_all(mine, input_splits=ins, output_splits=outs, async_op=async_op)
+        got = self._finish_async(result, async_op, "all_to_all")
+        _expect(got, want, f"all_to_all({kind})")
+
+    def broadcast(self, dtype: torch.dtype) -> None:
+        src = self.world - 1
+        tensor = self.data(self.rank, 3, dtype)
+        _expect(self.comm.broadcast(tensor, src=src), self.data(src, 3, dtype), "broadcast")
+
+    def send_recv(self, dtype: torch.dtype) -> None:
+        if self.world == 1:
+            return
+        right, left = (self.rank + 1) % self.world, (self.rank - 1) % self.world
+        # Even ranks send first, odd ranks receive first: no cycle of blocked sends, even
+        # where a library (or the async fallback) makes send block until it is received.
+        outgoing = self.data(self.rank, 3, dtype, salt=right)
+        incoming = torch.empty(3, 5, dtype=dtype, device=self.device)
+        if self.rank % 2 == 0:
+            self.comm.send(outgoing, right)
+            got = self.comm.recv(incoming, left)
+        else:
+            got = self.comm.recv(incoming, left)
+            self.comm.send(outgoing, right)
+        _expect(got, self.data(left, 3, dtype, salt=self.rank), "recv")
+
+    def barrier(self) -> None:
+        self.comm.barrier()
+        self.comm.barrier(async_op=True).wait(self.comm.timeout_s)
+
+    def _finish_async(self, result: Any, async_op: bool, what: str) -> torch.Tensor:
+        if not async_op:
+            return result
+        deadline = time.monotonic() + self.comm.timeout_s
+        while not result.is_completed():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"async {what} never reported completion")
+            time.sleep(0.001)
+        return result.wait(self.comm.timeout_s)
+
+    def async_ops(self, dtype: torch.dtype) -> None:
+        """all_reduce, all_gather and reduce_scatter issued together, completed out of order."""
+        reduce_in = self.data(self.rank, 4, dtype, salt=3)
+        h_reduce = self.comm.all_reduce(reduce_in, async_op=True)
+        h_gather = self.comm.all_gather(self.data(self.rank, 2, dtype), async_op=True)
+        h_scatter = self.comm.reduce_scatter(self.data(self.rank, 2 * self.world, dtype), async_op=True)
+        gathered = self._finish_async(h_gather, True, "all_gather")
+        scattered = self._finish_async(h_scatter, True, "reduce_scatter")
+        reduced = self._finish_async(h_reduce, True, "all_reduce")
+        total = sum(self.data(r, 4, dtype, salt=3).to(torch.float64) for r in range(self.world)).to(dtype)
+        _expect(reduced, total, "async all_reduce")
+        _expect(gathered, torch.cat([self.data(r, 2, dtype) for r in range(self.world)]), "async all_gather")
+        full = sum(self.data(r, 2 * self.world, dtype).to(torch.float64) for r in range(self.world))
+        _expect(scattered, full[2 * self.rank:2 * self.rank + 2].to(dtype), "async reduce_scatter")
+        self.all_to_all(dtype, "uneven", async_op=True)
+
+    def subgroups(self, dtype: torch.dtype) -> None:
+        """Two interleaved subgroups (even and odd ranks), each reducing and exchanging on its own."""
+        evens = list(range(0, self.world, 2))
+        odds = list(range(1, self.world, 2))
+        even_group = self.comm.new_group(evens)
+        odd_group = self.comm.new_group(odds) if odds else None
+        mine = evens if self.rank % 2 == 0 else odds
+        group, other = (even_group, odd_group) if self.rank % 2 == 0 else (odd_group, even_group)
+        if group is None or other is not None:
+            raise AssertionError("new_group must return a communicator to members and None to others")
+        if group.world_size != len(mine) or group.global_ranks != mine or group.rank != mine.index(self.rank):
+            raise AssertionError(f"subgroup layout {group.global_ranks} rank {group.rank}, expected {mine}")
+        got = group.all_reduce(self.data(self.rank, 3, dtype))
+        want = sum(self.data(r, 3, dtype).to(torch.float64) for r in mine).to(dtype)
+        _expect(got, want, "subgroup all_reduce")
+        _expect(group.all_gather(self.data(self.rank, 1, dtype)), torch.cat([self.data(r, 1, dtype) for r in mine]), "subgroup all_gather")
+
+    # -- the backend ------------------------------------------------------------
+    def backend_streams_events(self) -> None:
+        backend = self.rt.backend
+        stream = backend.new_stream()
+        with backend.stream(stream):
+            x = torch.full((64, 64), 2.0, device=self.device) @ torch.full((64, 64), 0.5, device=self.device)
+        start, end = backend.new_event(timing=True), backend.new_event(timing=True)
+        start.record()
+        y = x.sum()
+        end.record()
+        end.synchronize()
+        backend.synchronize()
+        if y.item() != 64 * 64 * 64.0 or start.elapsed_time(end) < 0:
+            raise AssertionError("stream work or event timing gave a wrong answer")
+
+    def backend_memory_seed(self) -> None:
+        backend = self.rt.backend
+        backend.reset_peak_memory()
+        allocated, peak = backend.memory_allocated(), backend.max_memory_allocated()
+        if backend.capabilities.memory_stats and (allocated is None or peak is None or peak < 0):
+            raise AssertionError("backend claims memory_stats but reports none")
+        backend.manual_seed(1234)
+        a = torch.randn(8, device=self.device)
+        backend.manual_seed(1234)
+        if not torch.equal(a, torch.randn(8, device=self.device)):
+            raise AssertionError("manual_seed does not make random numbers repeat")
+
+
+# (operation, fallback that may serve it, check)
+def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype | None], None]]]:
+    """(name, fallback name, takes a dtype, function) for every check, in run order."""
+    out: list[tuple[str, str | None, bool, Callable[[Suite, Any], None]]] = []
+    for op in ReduceOp:
+        out.append((f"all_reduce.{op.value}", "avg" if op is ReduceOp.AVG else None, True,
+                    lambda s, d, op=op: s.all_reduce(d, op)))
+    out += [
+        ("all_gather", None, True, lambda s, d: s.all_gather(d)),
+        ("reduce_scatter", "reduce_scatter", True, lambda s, d: s.reduce_scatter(d)),
+        ("all_to_all.equal", None, True, lambda s, d: s.all_to_all(d, "equal")),
+        ("all_to_all.uneven", "uneven_all_to_all", True, lambda s, d: s.all_to_all(d, "uneven")),
+        ("all_to_all.empty", None, True, lambda s, d: s.all_to_all(d, "empty")),
+        ("broadcast", None, True, lambda s, d: s.broadcast(d)),
+        ("send_recv", None, True, lambda s, d: s.send_recv(d)),
+        ("async", "async", True, lambda s, d: s.async_ops(d)),
+        ("subgroups", None, True, lambda s, d: s.subgroups(d)),
+        ("barrier", None, False, lambda s, d: s.barrier()),
+        ("backend.streams_events", None, False, lambda s, d: s.backend_streams_events()),
+        ("backend.memory_seed", None, False, lambda s, d: s.backend_memory_seed()),
+    ]
+    return out
+
+
+def run_suite(rt: Runtime) -> dict[str, dict[str, dict[str, str]]]:
+    """Run every check on this rank; returns {operation: {dtype: {"status", "detail"}}}."""
+    suite = Suite(rt)
+    claimed = set(rt.backend.capabilities.dtypes) | {"int64"}
+    matrix: dict[str, dict[str, dict[str, str]]] = {}
+    for name, fallback, takes_dtype, check in _checks():
+        row: dict[str, dict[str, str]] = {}
+        for dtype_name in (DTYPES if takes_dtype else (NO_DTYPE,)):
+            if takes_dtype and (dtype_name not in claimed or (name == "all_reduce.avg" and dtype_name == "int64")):
+                row[dtype_name] = dataclasses.asdict(Cell("unsupported"))
+                continue
+            dtype = getattr(torch, dtype_name) if takes_dtype else None
+            try:
+                check(suite, dtype)
+                status = "fallback" if fallback is not None and fallback in suite.comm.fallbacks else "pass"
+                cell = Cell(status)
+            except Exception as exc:  # a wrong answer or an error: the cell fails, the suite goes on
+                cell = Cell("FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            row[dtype_name] = dataclasses.asdict(cell)
+        matrix[name] = row
+    return matrix
+
+
+def merge(per_rank: list[dict[str, dict[str, dict[str, str]]]]) -> dict[str, dict[str, dict[str, str]]]:
+    """One matrix from every rank's: a cell takes its worst status; a FAIL names the rank."""
+    merged: dict[str, dict[str, dict[str, str]]] = {}
+    for rank, matrix in enumerate(per_rank):
+        for op, row in matrix.items():
+            for dtype, cell in row.items():
+                current = merged.setdefault(op, {}).get(dtype)
+                if current is None or STATUS_ORDER.index(cell["status"]) > STATUS_ORDER.index(current["status"]):
+                    detail = f"rank {rank}: {cell['detail']}" if cell["detail"] else ""
+                    merged[op][dtype] = {"status": cell["status"], "detail": detail}
+    return merged
+
+
+def failed(matrix: dict[str, dict[str, dict[str, str]]]) -> bool:
+    """Whether any cell failed."""
+    return any(cell["status"] == "FAIL" for row in matrix.values() for cell in row.values())
+
+
+def format_matrix(matrix: dict[str, dict[str, dict[str, str]]]) -> str:
+    """The matrix as an aligned text table, failures listed below it."""
+    columns = list(DTYPES) + [NO_DTYPE]
+    used = [c for c in columns if any(c in row for row in matrix.values())]
+    width = max(len(op) for op in matrix)
+    lines = [f"{'operation':<{width}}  " + "  ".join(f"{c:<11}" for c in used)]
+    for op, row in matrix.items():
+        lines.append(f"{op:<{width}}  " + "  ".join(f"{row.get(c, {'status': ''})['status']:<11}" for c in used))
+    for op, row in matrix.items():
+        for dtype, cell in row.items():
+            if cell["status"] == "FAIL":
+                lines.append(f"FAIL {op} [{dtype}]: {cell['detail']}")
+    return "\n".join(line.rstrip() for line in lines)
+
+
+def report(rt_info: dict[str, Any], matrix: dict[str, dict[str, dict[str, str]]]) -> dict[str, Any]:
+    """The JSON document `moeport conformance --json` writes."""
+    return {**rt_info, "passed": not failed(matrix), "results": matrix}
+
+
+def to_json(document: dict[str, Any]) -> str:
+    """Stable JSON text of a report."""
+    return json.dumps(document, indent=2, sort_keys=False)
