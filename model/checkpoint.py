@@ -1,0 +1,206 @@
+"""HF LongCat-Flash checkpoints: config.json plus model.safetensors, or shards with model.safetensors.index.json.
+
+Tensor names are the published ones (model.layers.N.self_attn.{0,1}.*, mlps.{0,1}.*,
+mlp.router.classifier.weight, mlp.router.e_score_correction_bias,
+mlp.experts.E.{gate,up,down}_proj.weight, ...). A rank reads only the experts it
+holds. Directories written by transformers' `save_pretrained` carry gate/up tensors
+for the zero-expert slots (E >= n_routed_experts): those, and the multi-token-prediction
+head (model.mtp.*), are ignored; any other unexpected, missing or misshapen tensor is a
+UserError naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any, Iterable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from moeport.atomic import atomic_path, write_text
+from moeport.errors import UserError
+from moeport.model.config import LongcatConfig
+from moeport.model.lm import LongcatForCausalLM
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+_EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down)_proj\.weight$")
+_IGNORED = re.compile(r"^model\.mtp\.")
+
+
+def tensor_files(path: str) -> dict[str, str]:
+    """Tensor name -> file holding it, for a checkpoint directory."""
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+        try:
+            with open(index) as f:
+                weight_map = json.load(f)["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{index}: not a valid safetensors index ({exc})") from None
+        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+    single = os.path.join(path, SINGLE_FILE)
+    if not os.path.isfile(single):
+        raise UserError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
+    with safe_open(single, "pt") as f:
+        return {name: single for name in f.keys()}
+
+
+def _expected_tensors(model: LongcatForCausalLM) -> dict[str, tuple[int, ...]]:
+    """Checkpoint name -> shape of every tensor this rank's model needs."""
+    c = model.config
+    shapes: dict[str, tuple[int, ...]] = {}
+    for name, tensor in model.state_dict().items():
+        if ".mlp.experts." in name:
+            continue
+        shapes[name] = tuple(tensor.shape)
+    i, h = c.expert_ffn_hidden_size, c.hidden_size
+    for layer in range(c.num_layers):
+        for expert in range(model.first_expert, model.first_expert + model.expert_count):
+            prefix = f"model.layers.{layer}.mlp.experts.{expert}"
+            shapes[f"{prefix}.gate_proj.weight"] = (i, h)
+            shapes[f"{prefix}.up_proj.weight"] = (i, h)
+            shapes[f"{prefix}.down_proj.weight"] = (h, i)
+    if c.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _is_known_extra(name: str, config: LongcatConfig) -> bool:
+    """Tensors a checkpoint may carry that no rank needs: zero-expert gate/up slots, the MTP head."""
+    if _IGNORED.match(name):
+        return True
+    match = _EXPERT.match(name)
+    if match is None:
+        return False
+    layer, expert, kind = int(match.group(1)), int(match.group(2)), match.group(3)
+    if layer >= config.num_layers:
+        return False
+    if expert < config.n_routed_experts:
+        return True  # another rank's expert
+    return kind in ("gate", "up") and expert < config.num_experts_total
+
+
+def _read(files: dict[str, str], names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor, str]]:
+    by_file: dict[str, list[str]] = {}
+    for name in names:
+        by_file.setdefault(files[name], []).append(name)
+    for file, group in by_file.items():
+        with safe_open(file, "pt") as f:
+            for name in group:
+                yield name, f.get_tensor(name), file
+
+
+def load_weights(model: LongcatForCausalLM, path: str) -> None:
+    """Fill `model` (built for its rank) from the checkpoint directory `path`."""
+    files = tensor_files(path)
+    expected = _expected_tensors(model)
+    for name in files:
+        if name not in expected and not _is_known_extra(name, model.config):
+            raise UserError(f"{path}: unexpected tensor {name} (not in a LongCat-Flash model with this config.json)")
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+        raise UserError(f"{path}: missing tensor {missing[0]}{more}")
+    params = model.state_dict()
+    i = model.config.expert_ffn_hidden_size
+    with torch.no_grad():
+        for name, tensor, file in _read(files, expected):
+            if tuple(tensor.shape) != expected[name]:
+                raise UserError(
+                    f"{file}: tensor {name} has shape {tuple(tensor.shape)}, config.json implies {expected[name]}"
+                )
+            if not tensor.is_floating_point():
+                raise UserError(f"{file}: tensor {name} has dtype {tensor.dtype}, expected a floating-point dtype")
+            match = _EXPERT.match(name)
+            if match is None:
+                params[name].copy_(tensor)
+                continue
+            layer, expert, kind = int(match.group(1)), int(match.group(2)) - model.first_expert, match.group(3)
+            experts = model.model.layers[layer].mlp.experts
+            if kind == "gate":
+                experts.gate_up[expert, :i].copy_(tensor)
+            elif kind == "up":
+                experts.gate_up[expert, i:].copy_(tensor)
+            else:
+                experts.down[expert].copy_(tensor)
+    if model.config.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+
+
+def checkpoint_tensors(model: LongcatForCausalLM, shared: bool = True) -> dict[str, torch.Tensor]:
+    """This rank's tensors under checkpoint names: its experts, and the shared tensors if `shared`."""
+    out: dict[str, torch.Tensor] = {}
+    if shared:
+        for name, tensor in model.state_dict().items():
+            if ".mlp.experts." not in name and not (model.config.tie_word_embeddings and name == "lm_head.weight"):
+                out[name] = tensor.detach().contiguous().cpu()
+    i = model.config.expert_ffn_hidden_size
+    for layer_index, layer in enumerate(model.model.layers):
+        experts = layer.mlp.experts
+        for local in range(experts.count):
+            prefix = f"model.layers.{layer_index}.mlp.experts.{experts.first + local}"
+            out[f"{prefix}.gate_proj.weight"] = experts.gate_up[local, :i].detach().contiguous().cpu()
+            out[f"{prefix}.up_proj.weight"] = experts.gate_up[local, i:].detach().contiguous().cpu()
+            out[f"{prefix}.down_proj.weight"] = experts.down[local].detach().contiguous().cpu()
+    return out
+
+
+def config_json(config: LongcatConfig) -> str:
+    """config.json text for `config`, readable by transformers as well as moeport."""
+    data = config.to_hf_dict()
+    data["head_dim"] = config.qk_rope_head_dim  # the reference sizes its rotary table by head_dim
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
+def save_pretrained(model: LongcatForCausalLM, path: str, rank: int = 0, world_size: int = 1) -> None:
+    """Write `model` as an HF checkpoint directory; every file is written atomically.
+
+    One process writes config.json and model.safetensors. Expert-parallel ranks each
+    call this with their rank: each writes the shard with its experts (rank 0's also
+    holds the shared tensors) and rank 0 writes config.json and the index; the caller
+    must make every rank finish before the directory is used.
+    """
+    os.makedirs(path, exist_ok=True)
+    tensors = checkpoint_tensors(model, shared=rank == 0)
+    if world_size == 1:
+        with atomic_path(os.path.join(path, SINGLE_FILE)) as tmp:
+            save_file(tensors, tmp, metadata={"format": "pt"})
+        write_text(os.path.join(path, "config.json"), config_json(model.config))
+        return
+    shard = f"model-{rank + 1:05d}-of-{world_size:05d}.safetensors"
+    with atomic_path(os.path.join(path, shard)) as tmp:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    if rank == 0:
+        c = model.config
+        weight_map: dict[str, str] = {name: shard for name in tensors}
+        per_rank = c.n_routed_experts // world_size
+        for layer in range(c.num_layers):
+            for expert in range(c.n_routed_experts):
+                owner = f"model-{expert // per_rank + 1:05d}-of-{world_size:05d}.safetensors"
+                for kind in ("gate", "up", "down"):
+                    weight_map.setdefault(f"model.layers.{layer}.mlp.experts.{expert}.{kind}_proj.weight", owner)
+        index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
+        write_text(os.path.join(path, INDEX_FILE), json.dumps(index, indent=2) + "\n")
+        write_text(os.path.join(path, "config.json"), config_json(c))
+
+
+def load_pretrained(path: str, runtime: Any = None, dtype: torch.dtype | None = None) -> LongcatForCausalLM:
+    """A LongCat-Flash model from an HF checkpoint directory.
+
+    Without `runtime`: one process holding every expert, on the CPU, in the
+    checkpoint's float32 (or `dtype`). With a Runtime: this rank's share of the
+    experts on the runtime's device and dtype, expert-parallel over its ep group.
+    """
+    if not os.path.isdir(path):
+        raise UserError(f"{path}: no such checkpoint directory")
+    config = LongcatConfig.from_file(path)
+    model = LongcatForCausalLM(config, runtime)
+    load_weights(model, path)
+    if runtime is not None:
+        model.place(runtime.device, runtime.dtype)
+    elif dtype is not None:
+        model.place("cpu", dtype)
+    return model.eval()

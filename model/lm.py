@@ -1,0 +1,151 @@
+"""The LongCat-Flash causal language model: embedding, ScMoE layers, final norm, lm_head; decoding.
+
+Built for one rank of a Runtime (its expert-parallel group decides which FFN experts
+this rank holds), or for one process with no Runtime at all (every expert local).
+Tensor names follow the HF checkpoint: model.embed_tokens, model.layers.N...., model.norm, lm_head.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from moeport.model.config import LongcatConfig
+from moeport.model.layer import ScMoELayer
+from moeport.model.mla import LatentCache, rope_cos_sin, rope_inverse_frequencies
+from moeport.model.moe import LocalExchange
+from moeport.model.norm import RMSNorm
+from moeport.model.schedule import run_steps
+from moeport.model.steps import LayerState
+
+Caches = list[tuple[LatentCache, LatentCache]]
+
+
+class LongcatModel(nn.Module):
+    """The decoder stack (the checkpoint's `model.` prefix)."""
+
+    def __init__(self, config: LongcatConfig, first_expert: int, expert_count: int) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList([ScMoELayer(config, first_expert, expert_count) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class LongcatForCausalLM(nn.Module):
+    """LongCat-Flash for next-token prediction.
+
+    `runtime` (a moeport Runtime) supplies the device, dtype, schedule and the
+    expert-parallel group; without one the model holds every expert and runs in
+    this process alone. `model(input_ids)` returns logits [B, T, vocab];
+    `model.generate(input_ids, max_new_tokens=N)` returns token ids [B, T + N].
+    """
+
+    def __init__(self, config: LongcatConfig, runtime: Any = None) -> None:
+        super().__init__()
+        self.config = config
+        self.runtime = runtime
+        ep = runtime.groups.ep if runtime is not None else None
+        ep_size, ep_rank = (ep.world_size, ep.rank) if ep is not None else (1, 0)
+        if config.n_routed_experts % ep_size:
+            raise ValueError(f"{config.n_routed_experts} FFN experts cannot be split over {ep_size} ranks")
+        per_rank = config.n_routed_experts // ep_size
+        self.first_expert, self.expert_count = ep_rank * per_rank, per_rank
+        self.model = LongcatModel(config, self.first_expert, per_rank)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self.schedule = runtime.profile.schedule if runtime is not None else "overlap"
+        for layer in self.model.layers:
+            layer.exchange = self._new_exchange(ep, ep_size)
+
+    def _new_exchange(self, ep: Any, ep_size: int) -> Any:
+        if ep_size == 1:
+            return LocalExchange(self.config.n_routed_experts)
+        from moeport.model.expert_exchange import ParallelExchange
+
+        return ParallelExchange(ep, self.config, self.first_expert, self.expert_count)
+
+    def place(self, device: torch.device | str, dtype: torch.dtype) -> "LongcatForCausalLM":
+        """Move to `device` in `dtype`, keeping the router's classifier in float32 (as the reference does)."""
+        self.to(device=device, dtype=dtype)
+        for layer in self.model.layers:
+            layer.mlp.router.to(torch.float32)
+        self.rope_inv_freq = rope_inverse_frequencies(self.config).to(device)
+        return self
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights live."""
+        return self.lm_head.weight.device
+
+    def new_caches(self, batch: int, capacity: int) -> Caches:
+        """Empty decoding caches for `batch` sequences of up to `capacity` positions."""
+        dtype, device = self.lm_head.weight.dtype, self.device
+        return [
+            (LatentCache.empty(batch, capacity, self.config, dtype, device), LatentCache.empty(batch, capacity, self.config, dtype, device))
+            for _ in self.model.layers
+        ]
+
+    def forward(self, input_ids: torch.Tensor, caches: Caches | None = None) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T], continuing after what `caches` hold."""
+        input_ids = input_ids.to(self.device)
+        batch, length = input_ids.shape
+        start = caches[0][0].length if caches else 0
+        positions = torch.arange(start, start + length, device=self.device).unsqueeze(0).expand(batch, length)
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+        for index, layer in enumerate(self.model.layers):
+            state = LayerState(x=x, cos=cos, sin=sin, caches=None if caches is None else caches[index])
+            x = run_steps(layer.steps(), state, self.schedule).out
+        return self.lm_head(self.model.norm(x))
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 16,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+    ) -> torch.Tensor:
+        """Token ids [B, T + max_new_tokens]: greedy by default, sampled with `do_sample`.
+
+        Sampling applies `temperature`, then keeps the `top_k` most likely tokens
+        (0: all) and the smallest set whose probability reaches `top_p`.
+        Decodes with the KV cache: the prompt once, then one position per step.
+        """
+        input_ids = input_ids.to(self.device)
+        generator = None
+        if do_sample:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(torch.initial_seed() if seed is None else seed)
+        caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        tokens = [input_ids]
+        logits = self(input_ids, caches)[:, -1]
+        for step in range(max_new_tokens):
+            next_token = pick_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+            tokens.append(next_token)
+            if step + 1 < max_new_tokens:
+                logits = self(next_token, caches)[:, -1]
+        return torch.cat(tokens, dim=1)
+
+
+def pick_next_token(
+    logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> torch.Tensor:
+    """The next token [B, 1] from last-position logits [B, vocab]."""
+    if not do_sample:
+        return logits.argmax(dim=-1, keepdim=True)
+    scores = logits.to(torch.float32) / max(temperature, 1e-6)
+    if top_k > 0:
+        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    if top_p < 1.0:
+        ordered, order = scores.sort(dim=-1, descending=True)
+        cumulative = ordered.softmax(-1).cumsum(-1)
+        drop = cumulative - ordered.softmax(-1) >= top_p
+        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
+    return torch.multinomial(scores.softmax(-1), 1, generator=generator)
