@@ -130,8 +130,14 @@ def load_weights(model: LongcatForCausalLM, path: str) -> None:
         model.lm_head.weight = model.model.embed_tokens.weight
 
 
-def checkpoint_tensors(model: LongcatForCausalLM, shared: bool = True) -> dict[str, torch.Tensor]:
-    """This rank's tensors under checkpoint names: its experts, and the shared tensors if `shared`."""
+def checkpoint_tensors(
+    model: LongcatForCausalLM, shared: bool = True, zero_expert_slots: bool = False
+) -> dict[str, torch.Tensor]:
+    """This rank's tensors under checkpoint names: its experts, and the shared tensors if `shared`.
+
+    With `zero_expert_slots` (and `shared`), also zero gate/up tensors for the zero-expert
+    slots, which transformers' fused expert layout needs to load the directory.
+    """
     out: dict[str, torch.Tensor] = {}
     if shared:
         for name, tensor in model.state_dict().items():
@@ -145,6 +151,13 @@ def checkpoint_tensors(model: LongcatForCausalLM, shared: bool = True) -> dict[s
             out[f"{prefix}.gate_proj.weight"] = experts.gate_up[local, :i].detach().contiguous().cpu()
             out[f"{prefix}.up_proj.weight"] = experts.gate_up[local, i:].detach().contiguous().cpu()
             out[f"{prefix}.down_proj.weight"] = experts.down[local].detach().contiguous().cpu()
+        if shared and zero_expert_slots:
+            c = model.config
+            for expert in range(c.n_routed_experts, c.num_experts_total):
+                for kind in ("gate", "up"):
+                    out[f"model.layers.{layer_index}.mlp.experts.{expert}.{kind}_proj.weight"] = torch.zeros(
+                        c.expert_ffn_hidden_size, c.hidden_size, dtype=experts.gate_up.dtype
+                    )
     return out
 
 
@@ -155,8 +168,13 @@ def config_json(config: LongcatConfig) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
-def save_pretrained(model: LongcatForCausalLM, path: str, rank: int = 0, world_size: int = 1) -> None:
+def save_pretrained(
+    model: LongcatForCausalLM, path: str, rank: int = 0, world_size: int = 1, zero_expert_slots: bool = False
+) -> None:
     """Write `model` as an HF checkpoint directory; every file is written atomically.
+
+    `zero_expert_slots` adds the unused gate/up tensors of the zero-expert slots, as
+    transformers' save_pretrained writes them, so transformers can load the directory.
 
     One process writes config.json and model.safetensors. Expert-parallel ranks each
     call this with their rank: each writes the shard with its experts (rank 0's also
@@ -164,7 +182,7 @@ def save_pretrained(model: LongcatForCausalLM, path: str, rank: int = 0, world_s
     must make every rank finish before the directory is used.
     """
     os.makedirs(path, exist_ok=True)
-    tensors = checkpoint_tensors(model, shared=rank == 0)
+    tensors = checkpoint_tensors(model, shared=rank == 0, zero_expert_slots=zero_expert_slots)
     if world_size == 1:
         with atomic_path(os.path.join(path, SINGLE_FILE)) as tmp:
             save_file(tensors, tmp, metadata={"format": "pt"})
