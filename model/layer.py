@@ -49,6 +49,7 @@ class ScMoELayer(nn.Module):
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(config.hidden_size, eps) for _ in range(2)])
         self.mlp = MoEBlock(config, first_expert, expert_count)
         self.exchange = None  # set by the model: moves FFN-expert slots to the experts and back
+        self.routing_counts: torch.Tensor | None = None  # when set: slots routed to each expert, accumulated
 
     def steps(self) -> list[Step]:
         """The layer's steps, in overlap order. State in: x [B, T, H], cos, sin, caches; out: `out`."""
@@ -78,6 +79,8 @@ class ScMoELayer(nn.Module):
     def _router(self, s: LayerState) -> None:
         s.tokens = s.u.reshape(-1, s.u.shape[-1])
         s.routing = self.mlp.router(s.tokens)
+        if self.routing_counts is not None:
+            self.routing_counts += torch.bincount(s.routing.ids.reshape(-1).cpu(), minlength=self.routing_counts.numel())
         s.zero_out = zero_expert_output(s.tokens, s.routing, self.config.n_routed_experts)
 
     def _dispatch(self, s: LayerState):

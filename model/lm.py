@@ -19,6 +19,7 @@ from moeport.model.moe import LocalExchange
 from moeport.model.norm import RMSNorm
 from moeport.model.schedule import run_steps
 from moeport.model.steps import LayerState
+from moeport.model.timeline import Timeline
 
 Caches = list[tuple[LatentCache, LatentCache]]
 
@@ -56,6 +57,7 @@ class LongcatForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.schedule = runtime.profile.schedule if runtime is not None else "overlap"
+        self.timeline: Timeline | None = None  # set to time every step of every layer
         for layer in self.model.layers:
             layer.exchange = self._new_exchange(ep, ep_size)
 
@@ -97,7 +99,9 @@ class LongcatForCausalLM(nn.Module):
         cos, sin = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
         for index, layer in enumerate(self.model.layers):
             state = LayerState(x=x, cos=cos, sin=sin, caches=None if caches is None else caches[index])
-            x = run_steps(layer.steps(), state, self.schedule).out
+            if self.timeline is not None:
+                self.timeline.layer = index
+            x = run_steps(layer.steps(), state, self.schedule, self.timeline).out
         return self.lm_head(self.model.norm(x))
 
     @torch.no_grad()

@@ -6,35 +6,69 @@ bit-identical; they differ only in when a communication is waited for:
 - sequential: right after it is issued (communication never overlaps compute);
 - overlap:    at its Wait step, so the Compute steps between Issue and Wait run
               while the communication is in flight (LongCat's single-batch overlap).
+
+With a Timeline, every compute step and every communication is timed.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Iterable
 
 from moeport.model.steps import Compute, Issue, LayerState, Step, Wait
+from moeport.model.timeline import Timeline
 
 SCHEDULES = ("overlap", "sequential")
 
 
-def run_steps(steps: Iterable[Step], state: LayerState, schedule: str = "overlap") -> LayerState:
+@dataclasses.dataclass
+class _InFlight:
+    handle: Any
+    issued: Any  # event
+    completed: Any = None  # event: first seen complete
+    result: Any = None
+    waited: tuple[Any, Any] | None = None
+
+
+def _wait(op: _InFlight, timeline: Timeline | None) -> None:
+    before = timeline.mark() if timeline is not None else None
+    op.result = op.handle.wait()
+    if timeline is not None:
+        after = timeline.mark()
+        op.waited = (before, after)
+        if op.completed is None:
+            op.completed = after
+
+
+def run_steps(steps: Iterable[Step], state: LayerState, schedule: str = "overlap", timeline: Timeline | None = None) -> LayerState:
     """Run one layer's steps on `state` under `schedule` ("overlap" or "sequential")."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
-    in_flight: dict[str, Any] = {}
-    results: dict[str, Any] = {}
+    in_flight: dict[str, _InFlight] = {}
     for step in steps:
         if isinstance(step, Compute):
+            start = timeline.mark() if timeline is not None else None
             step.run(state)
+            if timeline is not None:
+                end = timeline.mark()
+                timeline.add(step.name, "compute", start, end)
+                for op in in_flight.values():
+                    if op.completed is None and op.handle.is_completed():
+                        op.completed = end
         elif isinstance(step, Issue):
-            handle = step.run(state)
+            issued = timeline.mark() if timeline is not None else None
+            op = in_flight[step.name] = _InFlight(step.run(state), issued)
+            if timeline is not None and op.handle.is_completed():
+                op.completed = timeline.mark()  # nothing travelled (a local exchange)
             if schedule == "sequential":
-                results[step.name] = handle.wait()
-            else:
-                in_flight[step.name] = handle
+                _wait(op, timeline)
         elif isinstance(step, Wait):
-            result = results.pop(step.name) if step.name in results else in_flight.pop(step.name).wait()
-            step.run(state, result)
+            op = in_flight.pop(step.name)
+            if op.waited is None:
+                _wait(op, timeline)
+            if timeline is not None:
+                timeline.add(step.name, "comm", op.issued, op.completed, *op.waited)
+            step.run(state, op.result)
     if in_flight:
         raise RuntimeError(f"communications never waited for: {sorted(in_flight)}")
     return state

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any, Sequence
 
@@ -17,12 +18,8 @@ import moeport
 from moeport.errors import UserError
 from moeport.launch import RankFailure
 
-# Commands whose names are reserved for the issues that bring them.
+# Commands whose names are reserved for the work that brings them.
 RESERVED = {
-    "run": "the main job (prefill + decode on N ranks)",
-    "forward": "logits for token ids from a checkpoint",
-    "generate": "greedy or sampled decoding from a checkpoint",
-    "conformance": "the vendor conformance suite",
     "train": "training steps",
     "export-onnx": "ONNX export",
     "bench": "benchmarks",
@@ -110,6 +107,116 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from moeport.profile import load_profile, model_config_of
+
+    profile = load_profile(args.profile, args.world_size)
+    if getattr(args, "schedule", None):
+        profile = profile.replace(schedule=args.schedule)
+    if getattr(args, "checkpoint", None):
+        if not os.path.isdir(args.checkpoint):
+            raise UserError(f"--checkpoint {args.checkpoint}: no such directory")
+        profile = profile.replace(model={"checkpoint": os.path.abspath(args.checkpoint)})
+    config, _ = model_config_of(profile)
+    return profile, config
+
+
+def _read_tokens(path: str, vocab_size: int):
+    import numpy as np
+
+    from moeport.jobs import check_tokens
+
+    try:
+        tokens = np.load(path)
+    except FileNotFoundError:
+        raise UserError(f"--tokens {path}: no such file") from None
+    except (ValueError, OSError) as exc:
+        raise UserError(f"--tokens {path}: not a .npy array ({exc})") from None
+    return check_tokens(tokens, vocab_size, path).numpy()
+
+
+def _save_npy(path: str, array) -> None:
+    import numpy as np
+
+    from moeport.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.save(f, array)
+
+
+def _rank0(results: list) -> Any:
+    return results[0] if results else None
+
+
+def _forward(args: argparse.Namespace) -> int:
+    from moeport.jobs import forward_job, run_on_ranks
+
+    profile, config = _load(args)
+    tokens = _read_tokens(args.tokens, config.vocab_size)
+    logits = _rank0(run_on_ranks(forward_job, (args.checkpoint, tokens), profile, args.world_size))
+    if logits is not None:
+        _save_npy(args.out, logits)
+        print(f"wrote logits {list(logits.shape)} float32 to {args.out}")
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from moeport.jobs import generate_job, run_on_ranks
+
+    if args.max_new_tokens < 1:
+        raise UserError(f"--max-new-tokens: expected a positive integer, got {args.max_new_tokens}")
+    profile, config = _load(args)
+    tokens = _read_tokens(args.tokens, config.vocab_size)
+    sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    out = _rank0(run_on_ranks(generate_job, (args.checkpoint, tokens, args.max_new_tokens, sampling), profile, args.world_size))
+    if out is None:
+        return 0
+    if args.out:
+        _save_npy(args.out, out)
+        print(f"wrote token ids {list(out.shape)} to {args.out}")
+    else:
+        for row in out:
+            print(" ".join(str(int(t)) for t in row))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from moeport.jobs import run_job, run_on_ranks
+    from moeport.report import print_run_report
+
+    if args.iterations < 1:
+        raise UserError(f"--iterations: expected a positive integer, got {args.iterations}")
+    profile, config = _load(args)
+    results = run_on_ranks(run_job, (None, args.iterations, args.batch, args.prompt_length), profile, args.world_size)
+    print_run_report(profile, results, as_json=args.json, trace_dir=args.trace)
+    return 0
+
+
+def _conformance(args: argparse.Namespace) -> int:
+    from moeport.conformance import failed, format_matrix, merge, report, run_suite, to_json
+    from moeport.jobs import run_on_ranks
+    from moeport.profile import load_profile
+
+    profile = load_profile(args.profile, args.world_size)
+    per_rank = run_on_ranks(run_suite, (), profile, args.world_size)
+    matrix = merge(per_rank)
+    print(f"conformance: profile {profile.source}, {profile.world_size} ranks, backend {profile.backend}")
+    print(format_matrix(matrix))
+    if args.json:
+        from moeport.atomic import write_text
+
+        info = {"profile": profile.source, "world_size": profile.world_size, "backend": profile.backend,
+                "collectives": profile.collectives.model_dump(), "ranks_reporting": len(per_rank)}
+        write_text(args.json, to_json(report(info, matrix)))
+        print(f"wrote {args.json}")
+    if failed(matrix):
+        print("conformance: FAILED", file=sys.stderr)
+        return 1
+    print("conformance: passed")
+    return 0
+
+
 def _reserved(args: argparse.Namespace) -> int:
     raise UserError(f"moeport {args.command}: not available in moeport {moeport.__version__} yet ({RESERVED[args.command]})")
 
@@ -123,6 +230,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_args(info)
     info.add_argument("--json", action="store_true", help="print one JSON object")
     info.set_defaults(func=_info)
+    run = sub.add_parser("run", help="the main job: prefill and decode on N ranks, with timings")
+    _add_profile_args(run)
+    run.add_argument("--checkpoint", help="HF checkpoint directory (default: the profile's model)")
+    run.add_argument("--iterations", type=int, default=16, help="decode steps (default 16)")
+    run.add_argument("--batch", type=int, default=2, help="sequences per rank (default 2)")
+    run.add_argument("--prompt-length", type=int, default=32, help="prompt tokens (default 32)")
+    run.add_argument("--schedule", choices=["overlap", "sequential"], help="override the profile's schedule")
+    run.add_argument("--trace", metavar="DIR", help="write Chrome traces per rank and a timeline PNG to DIR")
+    run.add_argument("--json", action="store_true", help="end with one JSON line of totals")
+    run.set_defaults(func=_run)
+    forward = sub.add_parser("forward", help="logits for token ids from a checkpoint")
+    _add_profile_args(forward)
+    forward.add_argument("--checkpoint", required=True)
+    forward.add_argument("--tokens", required=True, help=".npy file of int64 token ids [B, T]")
+    forward.add_argument("--out", required=True, help=".npy file for float32 logits [B, T, V]")
+    forward.set_defaults(func=_forward)
+    generate = sub.add_parser("generate", help="greedy (or sampled) decoding from a checkpoint")
+    _add_profile_args(generate)
+    generate.add_argument("--checkpoint", required=True)
+    generate.add_argument("--tokens", required=True, help=".npy file of int64 token ids [B, T]")
+    generate.add_argument("--max-new-tokens", type=int, required=True)
+    generate.add_argument("--out", help=".npy file for token ids [B, T + N] (default: print them)")
+    generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+    generate.set_defaults(func=_generate)
+    conformance = sub.add_parser("conformance", help="check every backend and collective operation")
+    _add_profile_args(conformance)
+    conformance.add_argument("--json", metavar="PATH", help="write the matrix as JSON")
+    conformance.set_defaults(func=_conformance)
     for name, text in RESERVED.items():
         p = sub.add_parser(name, help=f"{text} (not yet available)")
         p.add_argument("rest", nargs=argparse.REMAINDER)

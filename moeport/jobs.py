@@ -1,0 +1,159 @@
+"""What the commands run on each rank, and how the ranks are started for them.
+
+`run_on_ranks` starts the job the way the environment asks: in this process when
+torchrun or mpiexec started it (each rank runs its own share) or when one rank is
+enough, on spawned local processes otherwise (under mpiexec for the MPI library).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from moeport.errors import UserError
+from moeport.launch import detect_rank_env, spawn
+from moeport.profile import Profile, model_config_of
+from moeport.runtime import Runtime
+
+
+def run_in_runtime(profile: Profile, fn: Callable[..., Any], args: Sequence[Any], requested: int | None = None) -> Any:
+    """Start this rank's Runtime, run `fn(runtime, *args)`, close the Runtime."""
+    with Runtime.start(profile, requested_world_size=requested) as rt:
+        return fn(rt, *args)
+
+
+def run_on_ranks(
+    fn: Callable[..., Any], args: Sequence[Any], profile: Profile, requested_world_size: int | None = None,
+    timeout_s: float | None = None,
+) -> list[Any]:
+    """Run `fn(runtime, *args)` on every rank; returns the results this process can see, in rank order.
+
+    Under torchrun / mpiexec that is this rank's result alone; for spawned ranks, all of them.
+    """
+    env = detect_rank_env()
+    if env.launcher in ("torchrun", "mpiexec"):
+        return [run_in_runtime(profile, fn, args, requested_world_size)]
+    if profile.world_size == 1:
+        return [run_in_runtime(profile, fn, args)]
+    if profile.collectives.library == "mpi":
+        from moeport.launch import spawn_mpiexec
+
+        return spawn_mpiexec(run_in_runtime, (profile, fn, tuple(args)), profile.world_size, timeout_s=timeout_s)
+    return spawn(run_in_runtime, (profile, fn, tuple(args)), profile.world_size, timeout_s=timeout_s)
+
+
+def build_model(rt: Runtime, checkpoint: str | None = None) -> Any:
+    """This rank's model: from `checkpoint`, else the profile's checkpoint or preset (seeded random weights)."""
+    from moeport.model import LongcatForCausalLM, load_pretrained
+    from moeport.model.init import init_weights
+
+    if checkpoint is not None:
+        return load_pretrained(checkpoint, rt)
+    config, _ = model_config_of(rt.profile)
+    kind, value = rt.profile.model_source()
+    if kind == "checkpoint":
+        return load_pretrained(value, rt)
+    model = init_weights(LongcatForCausalLM(config, rt), rt.profile.seed)
+    return model.place(rt.device, rt.dtype).eval()
+
+
+def my_rows(total: int, rank: int, world: int) -> slice:
+    """The batch rows a rank takes under data-parallel attention (as even as possible, in order)."""
+    base, extra = divmod(total, world)
+    start = rank * base + min(rank, extra)
+    return slice(start, start + base + (1 if rank < extra else 0))
+
+
+def gather_rows(rt: Runtime, mine: torch.Tensor, total: int) -> torch.Tensor | None:
+    """Every rank's rows of a batch, in order, on rank 0 (None elsewhere)."""
+    world = rt.world_size
+    most = max(my_rows(total, r, world).stop - my_rows(total, r, world).start for r in range(world))
+    padded = mine.new_zeros((most, *mine.shape[1:]))
+    padded[: mine.shape[0]] = mine
+    everything = rt.comm.all_gather(padded.contiguous())
+    if rt.rank != 0:
+        return None
+    parts = [everything[r * most: r * most + (my_rows(total, r, world).stop - my_rows(total, r, world).start)] for r in range(world)]
+    return torch.cat(parts)
+
+
+def check_tokens(tokens: np.ndarray, vocab_size: int, source: str) -> torch.Tensor:
+    """Token ids [B, T] as int64, or a UserError naming the file and the bad value."""
+    if tokens.ndim != 2:
+        raise UserError(f"{source}: token ids must have shape [batch, length], got {list(tokens.shape)}")
+    if not np.issubdtype(tokens.dtype, np.integer):
+        raise UserError(f"{source}: token ids must be integers, got {tokens.dtype}")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens.min() if tokens.min() < 0 else tokens.max()
+        raise UserError(f"{source}: token id {int(bad)} is outside the vocabulary [0, {vocab_size})")
+    return torch.from_numpy(tokens.astype(np.int64))
+
+
+def forward_job(rt: Runtime, checkpoint: str, tokens: np.ndarray) -> np.ndarray | None:
+    """Logits [B, T, vocab] (float32) for all ranks' rows, returned on rank 0."""
+    model = build_model(rt, checkpoint)
+    ids = tokens[my_rows(tokens.shape[0], rt.rank, rt.world_size)]
+    with torch.no_grad():
+        logits = model(torch.from_numpy(ids)).to(torch.float32)
+    full = gather_rows(rt, logits, tokens.shape[0])
+    return None if full is None else full.cpu().numpy()
+
+
+def generate_job(rt: Runtime, checkpoint: str, tokens: np.ndarray, new_tokens: int, sampling: dict[str, Any]) -> np.ndarray | None:
+    """Token ids [B, T + new_tokens] for all ranks' rows, returned on rank 0."""
+    model = build_model(rt, checkpoint)
+    ids = torch.from_numpy(tokens[my_rows(tokens.shape[0], rt.rank, rt.world_size)])
+    out = model.generate(ids, max_new_tokens=new_tokens, **sampling)
+    full = gather_rows(rt, out, tokens.shape[0])
+    return None if full is None else full.cpu().numpy()
+
+
+def run_job(rt: Runtime, checkpoint: str | None, iterations: int, batch: int, prompt: int) -> dict[str, Any]:
+    """The main job on one rank: a prefill of `batch` x `prompt` tokens, then `iterations` decode steps.
+
+    Returns this rank's timings, its timeline summary, and its routing counts.
+    """
+    from moeport.model.timeline import Timeline, summarize
+
+    model = build_model(rt, checkpoint)
+    config = model.config
+    generator = torch.Generator().manual_seed(rt.profile.seed * 7919 + rt.rank)
+    ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=generator)
+    counts = torch.zeros(config.num_experts_total, dtype=torch.int64)
+    for layer in model.model.layers:
+        layer.routing_counts = counts
+    with torch.no_grad():
+        model(ids[:, : min(4, prompt)])  # warm-up: first calls allocate buffers and pick kernels
+        counts.zero_()
+        caches = model.new_caches(batch, prompt + iterations)
+        rt.comm.barrier()
+        model.timeline = Timeline.for_backend(rt.backend)
+        started = time.perf_counter()
+        logits = model(ids, caches)[:, -1]
+        rt.backend.synchronize()
+        prefill_s = time.perf_counter() - started
+        step_times = []
+        for _ in range(iterations):
+            step_start = time.perf_counter()
+            logits = model(logits.argmax(-1, keepdim=True), caches)[:, -1]
+            rt.backend.synchronize()
+            step_times.append(time.perf_counter() - step_start)
+        total_s = time.perf_counter() - started
+        spans = model.timeline.spans()
+        model.timeline = None
+    return {
+        "rank": rt.rank,
+        "prefill_seconds": prefill_s,
+        "decode_seconds": sum(step_times),
+        "step_seconds": float(np.median(step_times)) if step_times else 0.0,
+        "total_seconds": total_s,
+        "tokens": batch * (prompt + iterations),
+        "generated_tokens": batch * iterations,
+        "expert_counts": counts.tolist(),
+        "n_routed_experts": config.n_routed_experts,
+        "timeline": summarize(spans),
+        "spans": [vars(s) for s in spans],
+    }
