@@ -217,8 +217,9 @@ class Communicator(abc.ABC):
         self._check_rows("all_to_all input", tensor, sum(ins))
         out = output if output is not None else tensor.new_empty((sum(outs), *tensor.shape[1:]))
         self._check_rows("all_to_all output", out, sum(outs))
-        uneven = len(set(ins)) > 1 or len(set(outs)) > 1 or ins[0] != outs[0]
-        if uneven and "uneven_all_to_all" in self.fallbacks:
+        # Every rank must take the same path: with the fallback active, any call given split
+        # sizes is padded, even on a rank whose own splits happen to be equal.
+        if "uneven_all_to_all" in self.fallbacks and (input_splits is not None or output_splits is not None):
             handle = self._padded_all_to_all(tensor, out, ins, outs)
         else:
             handle = self._all_to_all(tensor, out, ins, outs)

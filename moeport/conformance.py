@@ -25,6 +25,8 @@ from moeport.runtime import Runtime
 DTYPES = ("float32", "bfloat16", "float16", "int64")
 NO_DTYPE = "-"
 STATUS_ORDER = ("pass", "fallback", "unsupported", "FAIL")
+# (operation, dtype) pairs that have no meaning: an average of integers, integer hidden states.
+NOT_APPLICABLE = {("all_reduce.avg", "int64"), ("dispatch_combine", "int64")}
 
 
 @dataclasses.dataclass
@@ -172,6 +174,31 @@ class Suite:
         _expect(got, want, "subgroup all_reduce")
         _expect(group.all_gather(self.data(self.rank, 1, dtype)), torch.cat([self.data(r, 1, dtype) for r in mine]), "subgroup all_gather")
 
+    def dispatch_combine(self, dtype: torch.dtype) -> None:
+        """Expert-parallel round trip: experts that scale by (id + 1), zero experts, empty and crowded ranks."""
+        from moeport.collectives.expert_parallel import ExpertParallelDispatcher
+
+        w, experts, zero, k = self.world, 2 * self.world, 3, 3
+        gen = torch.Generator().manual_seed(17 + self.rank)
+        tokens = 9 if self.rank != 1 else 0  # rank 1 sends nothing
+        ids = torch.stack([torch.randperm(experts + zero, generator=gen)[:k] for _ in range(tokens)] or [torch.empty(0, k, dtype=torch.int64)]).reshape(tokens, k)
+        if tokens:
+            ids[0] = torch.tensor([experts, experts + 1, 0])  # mostly zero experts
+            ids[1] = torch.tensor([experts + 1, experts, experts + 2])  # only zero experts
+            ids[2] = torch.tensor([0, 1, experts])  # two experts on rank 0
+        weights = torch.tensor([0.5, 1.0, 2.0])[torch.randint(0, 3, (tokens, k), generator=gen)]
+        hidden = (torch.randint(1, 5, (tokens, 6), generator=gen)).to(dtype).to(self.device)
+        dispatcher = ExpertParallelDispatcher(self.comm, experts)
+        received = dispatcher.dispatch(hidden, ids.to(self.device), weights.to(self.device))
+        first = self.rank * (experts // w)
+        scale = torch.where(received.local_ids >= 0, (received.local_ids + first + 1).to(torch.float32), 0.0)
+        expert_rows = (received.hidden.to(torch.float32) * (scale * received.weights.to(torch.float32)).sum(-1, keepdim=True)).to(dtype)
+        got = dispatcher.combine(received, expert_rows)
+        ffn = ids < experts
+        want_scale = torch.where(ffn, (ids + 1).to(torch.float32) * weights, 0.0).sum(-1, keepdim=True)
+        want = (hidden.cpu().to(torch.float32) * want_scale).to(dtype)
+        _expect(got.cpu(), want, "dispatch/combine")
+
     # -- the backend ------------------------------------------------------------
     def backend_streams_events(self) -> None:
         backend = self.rt.backend
@@ -217,6 +244,7 @@ def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype 
         ("send_recv", None, True, lambda s, d: s.send_recv(d)),
         ("async", "async", True, lambda s, d: s.async_ops(d)),
         ("subgroups", None, True, lambda s, d: s.subgroups(d)),
+        ("dispatch_combine", "uneven_all_to_all", True, lambda s, d: s.dispatch_combine(d)),
         ("barrier", None, False, lambda s, d: s.barrier()),
         ("backend.streams_events", None, False, lambda s, d: s.backend_streams_events()),
         ("backend.memory_seed", None, False, lambda s, d: s.backend_memory_seed()),
@@ -232,7 +260,7 @@ def run_suite(rt: Runtime) -> dict[str, dict[str, dict[str, str]]]:
     for name, fallback, takes_dtype, check in _checks():
         row: dict[str, dict[str, str]] = {}
         for dtype_name in (DTYPES if takes_dtype else (NO_DTYPE,)):
-            if takes_dtype and (dtype_name not in claimed or (name == "all_reduce.avg" and dtype_name == "int64")):
+            if takes_dtype and (dtype_name not in claimed or (name, dtype_name) in NOT_APPLICABLE):
                 row[dtype_name] = dataclasses.asdict(Cell("unsupported"))
                 continue
             dtype = getattr(torch, dtype_name) if takes_dtype else None
