@@ -10,6 +10,7 @@ Results are written into a caller-given `output` tensor when one is passed
 from __future__ import annotations
 
 import abc
+import concurrent.futures
 import enum
 import logging
 from typing import Any, Callable, Iterable, Sequence
@@ -70,6 +71,23 @@ class MappedHandle(Handle):
 
     def is_completed(self) -> bool:
         return self._inner.is_completed()
+
+
+class FutureHandle(Handle):
+    """A Handle for work running on another thread (a concurrent.futures.Future)."""
+
+    def __init__(self, future: concurrent.futures.Future, op: str) -> None:
+        self._future = future
+        self._op = op
+
+    def wait(self, timeout: float | None = None) -> Any:
+        try:
+            return self._future.result(timeout)
+        except concurrent.futures.TimeoutError:
+            raise TimeoutError(f"{self._op} did not complete within {timeout:g} s") from None
+
+    def is_completed(self) -> bool:
+        return self._future.done()
 
 
 #: Operations a library may lack, with the fallback that then serves them.

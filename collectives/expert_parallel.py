@@ -29,14 +29,26 @@ buffers the dispatcher keeps and reuses (see `ExpertParallelDispatcher`).
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 from typing import Any, Sequence
 
 import torch
 
 from moeport.collectives import differentiable as diff
-from moeport.collectives.base import Communicator, MappedHandle
+from moeport.collectives.base import Communicator, FutureHandle, MappedHandle
 from moeport.collectives.differentiable import RowFormat, pack_rows, unpack_rows
+
+_EXCHANGE_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _exchange_thread() -> concurrent.futures.ThreadPoolExecutor:
+    """The one thread that runs asynchronous dispatches (counts, then payload), in issue order."""
+    global _EXCHANGE_THREAD
+    if _EXCHANGE_THREAD is None:
+        _EXCHANGE_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-exchange")
+    return _EXCHANGE_THREAD
+
 
 #: dtype of the local expert ids inside a travelling row (ids are small; int64 on either side).
 _ID_DTYPE = torch.int32
@@ -248,14 +260,25 @@ class ExpertParallelDispatcher:
         stay here); topk_weights [T, k]. `differentiable`: True builds the exchange
         from autograd-aware collectives (gradients reach hidden and weights); None
         does so when grad is enabled and hidden or weights require grad. With
-        `async_op=True` the counts exchange still runs synchronously, the payload
-        is issued, and a Handle is returned whose wait() gives the ExpertInput.
+        `async_op=True` a Handle is returned at once whose wait() gives the
+        ExpertInput: the counts exchange and then the payload run on the exchange
+        thread, so neither holds up the caller (the caller issues no other
+        collective on this group until it has waited). The differentiable path
+        exchanges the counts synchronously and issues only the payload async.
         """
         plan = self.dispatch_preprocess(hidden, topk_ids, topk_weights, differentiable)
+        if async_op and not plan.differentiable:
+            self._pending.add("dispatch")
+            future = _exchange_thread().submit(self._dispatch_in_background, plan)
+            # still pending until the caller has waited, however early the thread finishes
+            return MappedHandle(FutureHandle(future, "dispatch"), lambda got: self._done("dispatch", got))
         received = self.token_dispatch(plan, async_op=async_op)
         if async_op:
             return MappedHandle(received, lambda got: self.dispatch_postprocess(plan, got))
         return self.dispatch_postprocess(plan, received)
+
+    def _dispatch_in_background(self, plan: DispatchPlan) -> ExpertInput:
+        return self.dispatch_postprocess(plan, self.token_dispatch(plan, async_op=False))
 
     def dispatch_preprocess(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -24,7 +24,8 @@ SCHEDULES = ("overlap", "sequential")
 @dataclasses.dataclass
 class _InFlight:
     handle: Any
-    issued: Any  # event
+    issued: Any  # event before the Issue step ran
+    issue_returned: Any = None  # event after it returned (its own work held up the compute stream)
     completed: Any = None  # event: first seen complete
     result: Any = None
     waited: tuple[Any, Any] | None = None
@@ -58,8 +59,10 @@ def run_steps(steps: Iterable[Step], state: LayerState, schedule: str = "overlap
         elif isinstance(step, Issue):
             issued = timeline.mark() if timeline is not None else None
             op = in_flight[step.name] = _InFlight(step.run(state), issued)
-            if timeline is not None and op.handle.is_completed():
-                op.completed = timeline.mark()  # nothing travelled (a local exchange)
+            if timeline is not None:
+                op.issue_returned = timeline.mark()
+                if op.handle.is_completed():
+                    op.completed = op.issue_returned  # nothing travelled (a local exchange)
             if schedule == "sequential":
                 _wait(op, timeline)
         elif isinstance(step, Wait):
@@ -67,7 +70,7 @@ def run_steps(steps: Iterable[Step], state: LayerState, schedule: str = "overlap
             if op.waited is None:
                 _wait(op, timeline)
             if timeline is not None:
-                timeline.add(step.name, "comm", op.issued, op.completed, *op.waited)
+                timeline.add(step.name, "comm", op.issued, op.completed, op.waited, (op.issued, op.issue_returned))
             step.run(state, op.result)
     if in_flight:
         raise RuntimeError(f"communications never waited for: {sorted(in_flight)}")

@@ -37,7 +37,7 @@ class Timeline:
         self._new_event = new_event
         self._synchronize = synchronize
         self._origin = self.mark()
-        self._pending: list[tuple[int, str, str, Any, Any, Any, Any]] = []
+        self._pending: list[tuple[int, str, str, Any, Any, tuple[tuple[Any, Any], ...]]] = []
         self.layer = 0
 
     @classmethod
@@ -51,16 +51,20 @@ class Timeline:
         event.record()
         return event
 
-    def add(self, name: str, track: str, start: Any, end: Any, wait_start: Any = None, wait_end: Any = None) -> None:
-        """Keep an interval (events) for `name` in the current layer."""
-        self._pending.append((self.layer, name, track, start, end, wait_start, wait_end))
+    def add(self, name: str, track: str, start: Any, end: Any, *blocked: tuple[Any, Any] | None) -> None:
+        """Keep an interval (events) for `name` in the current layer.
+
+        `blocked`: (start, end) event pairs during which a communication held up the
+        compute stream (its issue work, its wait); their sum is its exposed time.
+        """
+        self._pending.append((self.layer, name, track, start, end, tuple(b for b in blocked if b is not None)))
 
     def spans(self) -> list[Span]:
         """Every interval recorded so far, in milliseconds from the origin."""
         self._synchronize()
         out = []
-        for layer, name, track, start, end, wait_start, wait_end in self._pending:
-            exposed = wait_start.elapsed_time(wait_end) if wait_start is not None else 0.0
+        for layer, name, track, start, end, blocked in self._pending:
+            exposed = sum(a.elapsed_time(b) for a, b in blocked)
             out.append(Span(layer, name, track, self._origin.elapsed_time(start), self._origin.elapsed_time(end), exposed))
         return out
 
