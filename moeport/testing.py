@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from moeport.launch import RankFailure, spawn
+from moeport.launch import RankFailure, spawn, spawn_mpiexec
 from moeport.profile import Profile, load_profile
 from moeport.runtime import Runtime
 
@@ -41,6 +41,8 @@ def run_ranks(
 ) -> list[Any]:
     """Run `fn(runtime, *args)` on `world_size` spawned ranks and return each rank's result, in rank order.
 
+    Ranks are spawned locally, or started by mpiexec when the profile's collectives library is mpi.
+
     `profile` is a shipped name, a path or a Profile; `changes` override its keys
     (dotted paths as keyword names are not possible, so use `Profile.replace` for
     nested keys). A failing rank raises RankError naming the rank with its
@@ -51,8 +53,9 @@ def run_ranks(
     if changes:
         loaded = loaded.replace(**changes)
     loaded = loaded.with_world_size(world_size)
+    start = spawn_mpiexec if loaded.collectives.library == "mpi" else spawn
     try:
-        return spawn(_run_in_runtime, (loaded, fn, tuple(args)), world_size, timeout_s=timeout_s)
+        return start(_run_in_runtime, (loaded, fn, tuple(args)), world_size, timeout_s=timeout_s)
     except RankFailure as failure:
         detail = f"\n{failure.details}" if failure.details else ""
         raise RankError(f"{failure}{detail}") from None

@@ -6,7 +6,10 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+
+from reference import save_reference_checkpoint
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -35,3 +38,18 @@ def assert_user_error(result, *needles: str) -> str:
 def cli():
     """The run_cli helper as a fixture."""
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def checkpoint(tmp_path_factory):
+    """A tiny random LongCat-Flash checkpoint written by transformers' save_pretrained."""
+    pytest.importorskip("transformers")
+    return save_reference_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=4)
+
+
+@pytest.fixture(scope="session")
+def tokens(tmp_path_factory):
+    """A .npy file of int64 token ids [3, 11] for the tiny checkpoint."""
+    path = tmp_path_factory.mktemp("tokens") / "in.npy"
+    np.save(path, np.random.default_rng(5).integers(0, 256, size=(3, 11), dtype=np.int64))
+    return str(path)

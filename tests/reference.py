@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+from typing import Callable
 
 import torch
 
@@ -49,3 +51,14 @@ def load_reference(path: str):
     from transformers import LongcatFlashForCausalLM
 
     return LongcatFlashForCausalLM.from_pretrained(path).eval()
+
+
+def edit_checkpoint(src: str, dst, edit: Callable[[dict], object]) -> str:
+    """A copy of checkpoint `src` at `dst` whose tensors `edit` has changed (a dict of name -> tensor)."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(dst, "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, os.path.join(dst, "model.safetensors"))
+    return str(dst)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import assert_user_error, run_cli
-from reference import load_reference, save_reference_checkpoint
+from reference import load_reference
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -32,16 +32,6 @@ def test_python_dash_m_and_version():
     assert "capabilities:" in run_cli("info").stdout
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_reference_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"), seed=2)
-
-
-@pytest.fixture(scope="module")
-def tokens(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tokens") / "in.npy"
-    np.save(path, np.random.default_rng(5).integers(0, 256, size=(3, 11), dtype=np.int64))
-    return str(path)
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])

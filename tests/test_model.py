@@ -12,16 +12,12 @@ import torch
 
 from moeport.errors import UserError
 from moeport.model import PRESETS, load_pretrained, parameter_counts, save_pretrained
-from reference import load_reference, save_reference_checkpoint
+from reference import edit_checkpoint, load_reference
 
 pytest.importorskip("transformers")
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return save_reference_checkpoint(str(tmp_path_factory.mktemp("ckpt") / "tiny"))
 
 
 def token_ids(batch=2, length=19, seed=3, vocab=256):
@@ -99,14 +95,6 @@ def test_save_and_reload_round_trip(checkpoint, tmp_path):
     torch.testing.assert_close(reread, model(ids), rtol=0, atol=1e-4)
 
 
-def _edit_checkpoint(src, dst, edit):
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    tensors = load_file(os.path.join(dst, "model.safetensors"))
-    edit(tensors)
-    save_file(tensors, os.path.join(dst, "model.safetensors"))
-    return str(dst)
 
 
 def test_zero_expert_slots_are_ignored_and_only_those(checkpoint, tmp_path):
@@ -115,7 +103,7 @@ def test_zero_expert_slots_are_ignored_and_only_those(checkpoint, tmp_path):
     with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
         names = list(f.keys())
     assert "model.layers.0.mlp.experts.8.gate_proj.weight" in names  # transformers writes them
-    stray = _edit_checkpoint(checkpoint, tmp_path / "stray", lambda t: t.update({"model.layers.0.mlp.experts.8.down_proj.weight": torch.zeros(64, 32)}))
+    stray = edit_checkpoint(checkpoint, tmp_path / "stray", lambda t: t.update({"model.layers.0.mlp.experts.8.down_proj.weight": torch.zeros(64, 32)}))
     with pytest.raises(UserError, match=r"unexpected tensor model\.layers\.0\.mlp\.experts\.8\.down_proj\.weight"):
         load_pretrained(stray)
 
@@ -132,7 +120,7 @@ def test_zero_expert_slots_are_ignored_and_only_those(checkpoint, tmp_path):
 )
 def test_bad_checkpoints_name_the_tensor(checkpoint, tmp_path, edit, message):
     with pytest.raises(UserError, match=message):
-        load_pretrained(_edit_checkpoint(checkpoint, tmp_path / "bad", edit))
+        load_pretrained(edit_checkpoint(checkpoint, tmp_path / "bad", edit))
 
 
 def test_config_contradicting_tensors(checkpoint, tmp_path):

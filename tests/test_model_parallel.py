@@ -1,0 +1,84 @@
+"""The expert-parallel model on real ranks against the reference, and the two schedules against each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moeport.jobs import my_rows
+from moeport.model import load_pretrained
+from moeport.profile import load_profile
+from moeport.testing import run_ranks
+from reference import load_reference
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.timeout(300)
+
+BATCH, LENGTH, NEW = 5, 13, 6
+
+
+
+def prompts():
+    return torch.randint(0, 256, (BATCH, LENGTH), generator=torch.Generator().manual_seed(9))
+
+
+@pytest.fixture(scope="module")
+def expected(checkpoint):
+    ref = load_reference(checkpoint)
+    ids = prompts()
+    with torch.no_grad():
+        logits = ref(ids).logits
+    tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=None, pad_token_id=0)
+    return logits, tokens
+
+
+def parallel_job(rt, path):
+    """On each rank: its rows' logits under both schedules, decoding, and decode-step exactness."""
+    model = load_pretrained(path, rt)
+    rows = my_rows(BATCH, rt.rank, rt.world_size)
+    ids = prompts()[rows]
+    out = {"experts": (model.first_expert, model.expert_count)}
+    with torch.no_grad():
+        for schedule in ("overlap", "sequential"):
+            model.schedule = schedule
+            out[f"logits_{schedule}"] = model(ids)
+            out[f"tokens_{schedule}"] = model.generate(ids, max_new_tokens=NEW)
+            caches = model.new_caches(ids.shape[0], LENGTH + 2)
+            model(ids, caches)
+            out[f"decode_{schedule}"] = model(out[f"tokens_{schedule}"][:, LENGTH:LENGTH + 1], caches)
+    return out
+
+
+def check(results, expected, world_size):
+    logits, tokens = expected
+    for rank, r in enumerate(results):
+        rows = my_rows(BATCH, rank, world_size)
+        assert r["experts"] == (rank * 8 // world_size, 8 // world_size)
+        assert (r["logits_overlap"] - logits[rows]).abs().max().item() <= 1e-4
+        assert torch.equal(r["tokens_overlap"], tokens[rows])
+        for key in ("logits", "tokens", "decode"):
+            assert torch.equal(r[f"{key}_overlap"], r[f"{key}_sequential"]), key  # bit-identical schedules
+
+
+@pytest.mark.parametrize("profile", ["cpu-gloo", "generic-cpu"])
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel_matches_reference(checkpoint, expected, profile, world_size):
+    results = run_ranks(parallel_job, world_size, profile, args=(checkpoint,), timeout_s=240)
+    check(results, expected, world_size)
+
+
+def test_more_ranks_than_sequences(checkpoint, expected):
+    """Ranks with no rows of their own still serve their experts."""
+    profile = load_profile("cpu-gloo")
+    results = run_ranks(one_row_job, 4, profile, args=(checkpoint,), timeout_s=240)
+    logits, _ = expected
+    assert (results[0] - logits[:1]).abs().max().item() <= 1e-4
+    assert all(r.shape[0] == 0 for r in results[1:])
+
+
+def one_row_job(rt, path):
+    model = load_pretrained(path, rt)
+    ids = prompts()[:1] if rt.rank == 0 else prompts()[:0]
+    with torch.no_grad():
+        return model(ids)
