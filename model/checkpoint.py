@@ -121,11 +121,11 @@ def load_weights(model: LongcatForCausalLM, path: str) -> None:
             layer, expert, kind = int(match.group(1)), int(match.group(2)) - model.first_expert, match.group(3)
             experts = model.model.layers[layer].mlp.experts
             if kind == "gate":
-                experts.gate_up[expert, :i].copy_(tensor)
+                experts.gate_up[expert, :, :i].copy_(tensor.T)
             elif kind == "up":
-                experts.gate_up[expert, i:].copy_(tensor)
+                experts.gate_up[expert, :, i:].copy_(tensor.T)
             else:
-                experts.down[expert].copy_(tensor)
+                experts.down[expert].copy_(tensor.T)
     if model.config.tie_word_embeddings:
         model.lm_head.weight = model.model.embed_tokens.weight
 
@@ -148,9 +148,9 @@ def checkpoint_tensors(
         experts = layer.mlp.experts
         for local in range(experts.count):
             prefix = f"model.layers.{layer_index}.mlp.experts.{experts.first + local}"
-            out[f"{prefix}.gate_proj.weight"] = experts.gate_up[local, :i].detach().contiguous().cpu()
-            out[f"{prefix}.up_proj.weight"] = experts.gate_up[local, i:].detach().contiguous().cpu()
-            out[f"{prefix}.down_proj.weight"] = experts.down[local].detach().contiguous().cpu()
+            out[f"{prefix}.gate_proj.weight"] = experts.gate_up[local, :, :i].T.detach().contiguous().cpu()
+            out[f"{prefix}.up_proj.weight"] = experts.gate_up[local, :, i:].T.detach().contiguous().cpu()
+            out[f"{prefix}.down_proj.weight"] = experts.down[local].T.detach().contiguous().cpu()
         if shared and zero_expert_slots:
             c = model.config
             for expert in range(c.n_routed_experts, c.num_experts_total):

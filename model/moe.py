@@ -62,24 +62,33 @@ def ffn_slots(routing: Routing, n_routed_experts: int, first: int = 0, count: in
 
 
 class ExpertFFNs(nn.Module):
-    """The SwiGLU FFN experts one rank holds, as stacked weights.
+    """The SwiGLU FFN experts one rank holds, as stacked weights laid out for `x @ w`.
 
-    gate_up [E, 2I, H] (gate rows first, then up) and down [E, H, I], for the
-    experts `first` .. `first + E - 1` of the model.
+    gate_up [E, H, 2I] (gate columns first, then up) and down [E, I, H], for the
+    experts `first` .. `first + E - 1` of the model (the checkpoint's per-expert
+    [I, H] / [H, I] matrices, transposed once at load time).
     """
+
+    #: When the slots per local expert average at least this many, and padding every
+    #: expert to the busiest adds at most PADDING_LIMIT of the work, two batched matmuls
+    #: over all experts beat a matmul per expert.
+    BATCHED_FROM_SLOTS_PER_EXPERT = 16
+    PADDING_LIMIT = 0.5
 
     def __init__(self, config: LongcatConfig, first: int, count: int) -> None:
         super().__init__()
         self.first, self.count = first, count
         i, h = config.expert_ffn_hidden_size, config.hidden_size
-        self.gate_up = nn.Parameter(torch.empty(count, 2 * i, h))
-        self.down = nn.Parameter(torch.empty(count, h, i))
+        self.gate_up = nn.Parameter(torch.empty(count, h, 2 * i))
+        self.down = nn.Parameter(torch.empty(count, i, h))
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """For each row of x [N, H]: sum over its valid slots (local id >= 0) of weight * expert(row).
 
-        Slots are sorted by expert once; each expert then runs one matmul over its
-        contiguous rows. One host synchronisation per call (the per-expert counts), none per expert.
+        Slots are sorted by expert once, with one host synchronisation per call (the
+        per-expert counts) and none per expert. Many slots run as two batched
+        matmuls over all experts (rows padded to the busiest expert); few slots as
+        one matmul per expert that has any.
         """
         n, k = local_ids.shape
         out = torch.zeros_like(x)
@@ -91,18 +100,36 @@ class ExpertFFNs(nn.Module):
         order = torch.argsort(experts, stable=True)
         slots, experts = slots[order], experts[order]
         rows = slots // k
-        counts = torch.bincount(experts, minlength=self.count).tolist()
-        gathered = x[rows]
+        counts = torch.bincount(experts, minlength=self.count)
+        sizes = counts.tolist()
+        total = len(experts)
+        padded_total = max(sizes) * self.count
+        if total >= self.BATCHED_FROM_SLOTS_PER_EXPERT * self.count and padded_total <= (1 + self.PADDING_LIMIT) * total:
+            results = self._batched(x[rows], experts, counts, max(sizes))
+        else:
+            results = self._per_expert(x[rows], sizes)
+        weighted = (results * weights.reshape(-1)[slots].unsqueeze(1)).to(x.dtype)
+        return out.index_add_(0, rows, weighted)
+
+    def _per_expert(self, gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
         results = torch.empty_like(gathered)
         start = 0
         for expert, size in enumerate(counts):
             if size:
                 segment = gathered[start:start + size]
-                gate, up = F.linear(segment, self.gate_up[expert]).chunk(2, dim=-1)
-                results[start:start + size] = F.linear(F.silu(gate) * up, self.down[expert])
+                gate, up = (segment @ self.gate_up[expert]).chunk(2, dim=-1)
+                results[start:start + size] = (F.silu(gate) * up) @ self.down[expert]
                 start += size
-        weighted = (results * weights.reshape(-1)[slots].unsqueeze(1)).to(x.dtype)
-        return out.index_add_(0, rows, weighted)
+        return results
+
+    def _batched(self, gathered: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
+        starts = torch.cumsum(counts, 0) - counts
+        padded_row = experts * capacity + torch.arange(experts.numel(), device=experts.device) - starts[experts]
+        hidden = gathered.shape[1]
+        padded = gathered.new_zeros(self.count * capacity, hidden).index_copy_(0, padded_row, gathered)
+        gate, up = torch.bmm(padded.view(self.count, capacity, hidden), self.gate_up).chunk(2, dim=-1)
+        outputs = torch.bmm(F.silu(gate) * up, self.down)
+        return outputs.view(self.count * capacity, hidden).index_select(0, padded_row)
 
 
 class LocalExchange:
