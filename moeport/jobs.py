@@ -8,13 +8,14 @@ enough, on spawned local processes otherwise (under mpiexec for the MPI library)
 from __future__ import annotations
 
 import time
+import traceback
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from moeport.errors import UserError
-from moeport.launch import detect_rank_env, spawn
+from moeport.launch import RankFailure, detect_rank_env, spawn
 from moeport.profile import Profile, model_config_of
 from moeport.runtime import Runtime
 
@@ -35,7 +36,13 @@ def run_on_ranks(
     """
     env = detect_rank_env()
     if env.launcher in ("torchrun", "mpiexec"):
-        return [run_in_runtime(profile, fn, args, requested_world_size)]
+        try:
+            return [run_in_runtime(profile, fn, args, requested_world_size)]
+        except (UserError, KeyboardInterrupt):
+            raise
+        except Exception as exc:  # this rank noticed the failure: one line naming it, exit 1
+            lines = traceback.format_exception_only(type(exc), exc)
+            raise RankFailure(env.rank, lines[-1].strip(), traceback.format_exc()) from exc
     if profile.world_size == 1:
         return [run_in_runtime(profile, fn, args)]
     if profile.collectives.library == "mpi":

@@ -63,3 +63,35 @@ def test_mpiexec_with_torch_collectives(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     for rank in range(2):
         assert f"rank {rank}/2 via mpiexec: 3.0" in result.stdout
+
+
+FAILING = textwrap.dedent('''
+    import sys
+    from moeport.jobs import run_on_ranks
+    from moeport.launch import RankFailure
+    from moeport.profile import load_profile
+
+    def boom(rt):
+        if rt.rank == 1:
+            raise RuntimeError("boom")
+        return rt.rank
+
+    if __name__ == "__main__":
+        try:
+            run_on_ranks(boom, (), load_profile("cpu-gloo").replace(**{"collectives.timeout_s": 10.0}))
+        except RankFailure as failure:
+            print(f"moeport: error: {failure}", file=sys.stderr)
+            sys.exit(1)
+''')
+
+
+def test_torchrun_rank_that_fails_says_so_in_one_line(tmp_path):
+    path = tmp_path / "failing.py"
+    path.write_text(FAILING)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI", "MOEPORT_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(path)],
+        capture_output=True, text=True, timeout=150, env=env,
+    )
+    assert result.returncode != 0
+    assert "moeport: error: rank 1 failed: RuntimeError: boom" in result.stderr.splitlines()

@@ -61,9 +61,13 @@ def check(results, expected, world_size):
             assert torch.equal(r[f"{key}_overlap"], r[f"{key}_sequential"]), key  # bit-identical schedules
 
 
-@pytest.mark.parametrize("profile", ["cpu-gloo", "generic-cpu"])
-@pytest.mark.parametrize("world_size", [2, 4])
+CASES = [("cpu-gloo", 2), ("cpu-gloo", 4), ("generic-cpu", 2), ("generic-cpu", 4), ("cpu-mpi", 2), ("cpu-mpi", 4)]
+
+
+@pytest.mark.parametrize("profile, world_size", CASES)
 def test_expert_parallel_matches_reference(checkpoint, expected, profile, world_size):
+    if profile == "cpu-mpi":
+        pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
     results = run_ranks(parallel_job, world_size, profile, args=(checkpoint,), timeout_s=240)
     check(results, expected, world_size)
 
