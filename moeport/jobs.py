@@ -26,6 +26,16 @@ def run_in_runtime(profile: Profile, fn: Callable[..., Any], args: Sequence[Any]
         return fn(rt, *args)
 
 
+def start_ranks(
+    fn: Callable[..., Any], args: Sequence[Any], profile: Profile, timeout_s: float | None = None
+) -> list[Any]:
+    """Start `profile.world_size` new local ranks (under mpiexec for the MPI library) running `fn(runtime, *args)`."""
+    from moeport.launch import spawn_mpiexec
+
+    start = spawn_mpiexec if profile.collectives.library == "mpi" else spawn
+    return start(run_in_runtime, (profile, fn, tuple(args)), profile.world_size, timeout_s=timeout_s)
+
+
 def run_on_ranks(
     fn: Callable[..., Any], args: Sequence[Any], profile: Profile, requested_world_size: int | None = None,
     timeout_s: float | None = None,
@@ -45,11 +55,7 @@ def run_on_ranks(
             raise RankFailure(env.rank, lines[-1].strip(), traceback.format_exc()) from exc
     if profile.world_size == 1:
         return [run_in_runtime(profile, fn, args)]
-    if profile.collectives.library == "mpi":
-        from moeport.launch import spawn_mpiexec
-
-        return spawn_mpiexec(run_in_runtime, (profile, fn, tuple(args)), profile.world_size, timeout_s=timeout_s)
-    return spawn(run_in_runtime, (profile, fn, tuple(args)), profile.world_size, timeout_s=timeout_s)
+    return start_ranks(fn, args, profile, timeout_s)
 
 
 def build_model(rt: Runtime, checkpoint: str | None = None) -> Any:

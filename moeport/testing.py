@@ -17,18 +17,13 @@ from __future__ import annotations
 
 from typing import Any, Callable, Sequence
 
-from moeport.launch import RankFailure, spawn, spawn_mpiexec
+from moeport.jobs import start_ranks
+from moeport.launch import RankFailure
 from moeport.profile import Profile, load_profile
-from moeport.runtime import Runtime
 
 
 class RankError(AssertionError):
     """A rank of a multi-rank test failed; the message names the rank and carries its traceback."""
-
-
-def _run_in_runtime(profile: Profile, fn: Callable[..., Any], args: Sequence[Any]) -> Any:
-    with Runtime.start(profile) as rt:
-        return fn(rt, *args)
 
 
 def run_ranks(
@@ -53,9 +48,8 @@ def run_ranks(
     if changes:
         loaded = loaded.replace(**changes)
     loaded = loaded.with_world_size(world_size)
-    start = spawn_mpiexec if loaded.collectives.library == "mpi" else spawn
     try:
-        return start(_run_in_runtime, (loaded, fn, tuple(args)), world_size, timeout_s=timeout_s)
+        return start_ranks(fn, args, loaded, timeout_s)
     except RankFailure as failure:
         detail = f"\n{failure.details}" if failure.details else ""
         raise RankError(f"{failure}{detail}") from None
