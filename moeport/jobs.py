@@ -65,10 +65,10 @@ def build_model(rt: Runtime, checkpoint: str | None = None) -> Any:
 
     if checkpoint is not None:
         return load_pretrained(checkpoint, rt)
-    config, _ = model_config_of(rt.profile)
     kind, value = rt.profile.model_source()
     if kind == "checkpoint":
         return load_pretrained(value, rt)
+    config, _ = model_config_of(rt.profile)
     model = init_weights(LongcatForCausalLM(config, rt), rt.profile.seed)
     return model.place(rt.device, rt.dtype).eval()
 
