@@ -154,7 +154,7 @@ def _forward(args: argparse.Namespace) -> int:
 
     profile, config = _load(args)
     tokens = _read_tokens(args.tokens, config.vocab_size)
-    logits = _rank0(run_on_ranks(forward_job, (args.checkpoint, tokens), profile, args.world_size))
+    logits = _rank0(run_on_ranks(forward_job, (tokens,), profile, args.world_size))
     if logits is not None:
         _save_npy(args.out, logits)
         print(f"wrote logits {list(logits.shape)} float32 to {args.out}")
@@ -169,7 +169,7 @@ def _generate(args: argparse.Namespace) -> int:
     profile, config = _load(args)
     tokens = _read_tokens(args.tokens, config.vocab_size)
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    out = _rank0(run_on_ranks(generate_job, (args.checkpoint, tokens, args.max_new_tokens, sampling), profile, args.world_size))
+    out = _rank0(run_on_ranks(generate_job, (tokens, args.max_new_tokens, sampling), profile, args.world_size))
     if out is None:
         return 0
     if args.out:
@@ -188,7 +188,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise UserError(f"--iterations: expected a positive integer, got {args.iterations}")
     profile, config = _load(args)
-    results = run_on_ranks(run_job, (None, args.iterations, args.batch, args.prompt_length), profile, args.world_size)
+    results = run_on_ranks(run_job, (args.iterations, args.batch, args.prompt_length), profile, args.world_size)
     print_run_report(profile, results, as_json=args.json, trace_dir=args.trace)
     return 0
 

@@ -58,13 +58,11 @@ def run_on_ranks(
     return start_ranks(fn, args, profile, timeout_s)
 
 
-def build_model(rt: Runtime, checkpoint: str | None = None) -> Any:
-    """This rank's model: from `checkpoint`, else the profile's checkpoint or preset (seeded random weights)."""
+def build_model(rt: Runtime) -> Any:
+    """This rank's model: the profile's checkpoint, or its preset with seeded random weights."""
     from moeport.model import LongcatForCausalLM, load_pretrained
     from moeport.model.init import init_weights
 
-    if checkpoint is not None:
-        return load_pretrained(checkpoint, rt)
     kind, value = rt.profile.model_source()
     if kind == "checkpoint":
         return load_pretrained(value, rt)
@@ -105,9 +103,9 @@ def check_tokens(tokens: np.ndarray, vocab_size: int, source: str) -> torch.Tens
     return torch.from_numpy(tokens.astype(np.int64))
 
 
-def forward_job(rt: Runtime, checkpoint: str, tokens: np.ndarray) -> np.ndarray | None:
+def forward_job(rt: Runtime, tokens: np.ndarray) -> np.ndarray | None:
     """Logits [B, T, vocab] (float32) for all ranks' rows, returned on rank 0."""
-    model = build_model(rt, checkpoint)
+    model = build_model(rt)
     ids = tokens[my_rows(tokens.shape[0], rt.rank, rt.world_size)]
     with torch.no_grad():
         logits = model(torch.from_numpy(ids)).to(torch.float32)
@@ -115,23 +113,23 @@ def forward_job(rt: Runtime, checkpoint: str, tokens: np.ndarray) -> np.ndarray 
     return None if full is None else full.cpu().numpy()
 
 
-def generate_job(rt: Runtime, checkpoint: str, tokens: np.ndarray, new_tokens: int, sampling: dict[str, Any]) -> np.ndarray | None:
+def generate_job(rt: Runtime, tokens: np.ndarray, new_tokens: int, sampling: dict[str, Any]) -> np.ndarray | None:
     """Token ids [B, T + new_tokens] for all ranks' rows, returned on rank 0."""
-    model = build_model(rt, checkpoint)
+    model = build_model(rt)
     ids = torch.from_numpy(tokens[my_rows(tokens.shape[0], rt.rank, rt.world_size)])
     out = model.generate(ids, max_new_tokens=new_tokens, **sampling)
     full = gather_rows(rt, out, tokens.shape[0])
     return None if full is None else full.cpu().numpy()
 
 
-def run_job(rt: Runtime, checkpoint: str | None, iterations: int, batch: int, prompt: int) -> dict[str, Any]:
+def run_job(rt: Runtime, iterations: int, batch: int, prompt: int) -> dict[str, Any]:
     """The main job on one rank: a prefill of `batch` x `prompt` tokens, then `iterations` decode steps.
 
     Returns this rank's timings, its timeline summary, and its routing counts.
     """
     from moeport.model.timeline import Timeline, summarize
 
-    model = build_model(rt, checkpoint)
+    model = build_model(rt)
     config = model.config
     generator = torch.Generator().manual_seed(rt.profile.seed * 7919 + rt.rank)
     ids = torch.randint(0, config.vocab_size, (batch, prompt), generator=generator)

@@ -184,9 +184,7 @@ def parse_profile(data: Any, source: str) -> Profile:
     base = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
     checkpoint = profile.model.checkpoint
     if checkpoint is not None and not os.path.isabs(checkpoint):
-        resolved = os.path.normpath(os.path.join(base, checkpoint))
-        profile = Profile.model_validate({**profile.model_dump(), "model": {"checkpoint": resolved}})
-        profile._source = source
+        profile = profile.replace(model={"checkpoint": os.path.normpath(os.path.join(base, checkpoint))})
     return profile
 
 
