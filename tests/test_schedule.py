@@ -22,7 +22,7 @@ pytestmark = pytest.mark.timeout(300)
 def schedules_side_by_side(rt, repeats):
     """Prefill steps under both schedules, interleaved: (step seconds, comm seconds) per schedule."""
     model = build_model(rt)
-    ids = torch.randint(0, model.config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(rt.rank))
+    ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(rt.rank))
     out = {"sequential": [], "overlap": []}
     with torch.no_grad():
         model(ids)
