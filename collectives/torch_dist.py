@@ -133,3 +133,6 @@ class TorchDistCommunicator(Communicator):
     def close(self) -> None:
         if self.group is dist.group.WORLD and dist.is_initialized():
             dist.destroy_process_group()
+        # A ProcessGroup object still referenced keeps gloo's worker threads alive after the
+        # destroy; one still alive when the interpreter exits can abort the process.
+        self.group = None

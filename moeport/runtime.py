@@ -214,11 +214,18 @@ class Runtime:
         """Leave the collectives; the Runtime is unusable afterwards.
 
         A clean close first waits for every rank, so no rank tears its
-        connections down while a peer still uses them; after a failure it does
-        not wait for ranks that may be gone.
+        connections down while a peer still uses them. After a failure it does
+        nothing: the rank is about to report its error and exit, and connections
+        torn down first would make its peers fail with "connection reset" before
+        the real cause reaches the launcher.
         """
-        if clean and self.world_size > 1:
+        if not clean:
+            return
+        if self.world_size > 1:
             self.comm.barrier()
+        subgroups = {id(c): c for c in (self.groups.ep, self.groups.dp, self.groups.tp) if c is not self.groups.world}
+        for comm in subgroups.values():
+            comm.close()
         self.groups.world.close()
 
     def __enter__(self) -> "Runtime":

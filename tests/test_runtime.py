@@ -73,6 +73,23 @@ def test_single_process_runtime():
         assert (rt.rank, rt.world_size, t.item()) == (0, 1, 2.0)
 
 
+def os_threads() -> int:
+    import os
+
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs Linux /proc")
+def test_close_stops_the_library_threads():
+    # A process group kept alive past destroy_process_group leaves gloo threads running into
+    # interpreter exit, where they can abort the process after the job succeeded.
+    before = os_threads()
+    rt = Runtime.start(load_profile("cpu-gloo", world_size=1))
+    assert os_threads() > before
+    rt.close()
+    assert os_threads() == before
+
+
 def failing(rt):
     if rt.rank == 1:
         raise ValueError("rank one is unhappy")
