@@ -60,6 +60,7 @@ class EmulatedLink(Communicator):
         self.inner = inner
         self.latency_s = latency_us * 1e-6
         self.bytes_per_s = bandwidth_gbps * 1e9
+        self.modelled_seconds = 0.0  # link time of every operation issued so far
 
     @property
     def library(self) -> str:
@@ -72,7 +73,9 @@ class EmulatedLink(Communicator):
     def _delayed(self, op: str, handle: Handle, nbytes: float, issued: float) -> Handle:
         if self.world_size == 1:
             return handle
-        return DeadlineHandle(handle, issued + self.link_seconds(nbytes), op)
+        seconds = self.link_seconds(nbytes)
+        self.modelled_seconds += seconds
+        return DeadlineHandle(handle, issued + seconds, op)
 
     def new_group(self, ranks: Sequence[int]) -> Communicator | None:
         group = self.inner.new_group(ranks)

@@ -20,7 +20,11 @@ pytestmark = pytest.mark.timeout(300)
 
 
 def schedules_side_by_side(rt, repeats):
-    """Prefill steps under both schedules, interleaved: (step seconds, comm seconds) per schedule."""
+    """Prefill steps under both schedules, interleaved: (step seconds, comm seconds, logits, link seconds).
+
+    comm seconds are measured (issue to completion, so they include waiting for a
+    slower peer); link seconds are what the emulated link modelled for the step.
+    """
     model = build_model(rt)
     ids = torch.randint(0, model.config.vocab_size, (2, 128), generator=torch.Generator().manual_seed(rt.rank))
     out = {"sequential": [], "overlap": []}
@@ -31,24 +35,31 @@ def schedules_side_by_side(rt, repeats):
                 model.schedule = schedule
                 model.timeline = Timeline.for_backend(rt.backend)
                 rt.comm.barrier()
+                link_before = rt.groups.ep.modelled_seconds
                 start = time.perf_counter()
                 logits = model(ids)
                 elapsed = time.perf_counter() - start
-                out[schedule].append((elapsed, summarize(model.timeline.spans())["comm_seconds"], logits))
+                link = rt.groups.ep.modelled_seconds - link_before
+                out[schedule].append((elapsed, summarize(model.timeline.spans())["comm_seconds"], logits, link))
     return out
 
 
 def test_overlap_hides_communication_behind_the_dense_path():
-    """With a link slow enough to matter, overlap saves at least a third of the communication time."""
+    """With a link slow enough to matter, overlap saves at least a third of the communication time.
+
+    The communication time is the link's modelled time: the measured issue-to-completion
+    time also holds the wait for a slower peer, which no schedule can hide.
+    """
     profile = load_profile("emulated-link").replace(emulated_link={"latency_us": 1500.0, "bandwidth_gbps": 1.0})
     results = run_ranks(schedules_side_by_side, 2, profile, args=(5,), timeout_s=240)
     for r in results:
-        for (_, _, a), (_, _, b) in zip(r["sequential"], r["overlap"]):
+        for (_, _, a, _), (_, _, b, _) in zip(r["sequential"], r["overlap"]):
             assert torch.equal(a, b)  # same logits, bit for bit
     step = {s: statistics.median(max(r[s][i][0] for r in results) for i in range(5)) for s in ("sequential", "overlap")}
-    comm = statistics.median(r["sequential"][i][1] for r in results for i in range(5))
-    assert comm > 0.01  # four link crossings per layer at 1.5 ms each: the link really is slow
-    assert step["sequential"] - step["overlap"] >= comm / 3, (step, comm)
+    link = statistics.median(r[s][i][3] for r in results for s in ("sequential", "overlap") for i in range(5))
+    measured = statistics.median(r["sequential"][i][1] for r in results for i in range(5))
+    assert link > 0.008 and measured >= link  # three link crossings per layer at 1.5 ms each: the link really is slow
+    assert step["sequential"] - step["overlap"] >= link / 3, (step, link)
 
 
 def test_run_writes_traces_and_png(tmp_path):
