@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeport.model.workspace import Workspace
+
 from moeport.collectives.base import CompletedHandle, Handle
 from moeport.model.config import LongcatConfig
 
@@ -69,11 +71,11 @@ class ExpertFFNs(nn.Module):
     [I, H] / [H, I] matrices, transposed once at load time).
     """
 
-    #: When the slots per local expert average at least this many, and padding every
-    #: expert to the busiest adds at most PADDING_LIMIT of the work, two batched matmuls
-    #: over all experts beat a matmul per expert.
-    BATCHED_FROM_SLOTS_PER_EXPERT = 16
-    PADDING_LIMIT = 0.5
+    #: Costs that steer the capacity choice, in slot rows of batched arithmetic: one
+    #: extra per-expert matmul pair (call overhead, small-matrix inefficiency), and
+    #: reading one expert's weights (a batched matmul reads every expert's).
+    ROWS_PER_EXTRA_MATMUL = 24
+    ROWS_PER_WEIGHT_READ = 20
 
     def __init__(self, config: LongcatConfig, first: int, count: int) -> None:
         super().__init__()
@@ -81,14 +83,17 @@ class ExpertFFNs(nn.Module):
         i, h = config.expert_ffn_hidden_size, config.hidden_size
         self.gate_up = nn.Parameter(torch.empty(count, h, 2 * i))
         self.down = nn.Parameter(torch.empty(count, i, h))
+        self.workspace = Workspace()  # the model shares one between its layers
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """For each row of x [N, H]: sum over its valid slots (local id >= 0) of weight * expert(row).
 
         Slots are sorted by expert once, with one host synchronisation per call (the
-        per-expert counts) and none per expert. Many slots run as two batched
-        matmuls over all experts (rows padded to the busiest expert); few slots as
-        one matmul per expert that has any.
+        per-expert counts) and none per expert. Up to a capacity of slots per expert
+        run as two batched matmuls over all experts; the slots beyond it (and every
+        slot, when slots are few) run as one matmul pair per expert that has them.
+        The capacity is chosen from the counts to make the padding and the extra
+        matmuls cheapest together.
         """
         n, k = local_ids.shape
         out = torch.zeros_like(x)
@@ -100,36 +105,75 @@ class ExpertFFNs(nn.Module):
         order = torch.argsort(experts, stable=True)
         slots, experts = slots[order], experts[order]
         rows = slots // k
+        slot_weights = weights.reshape(-1)[slots].to(x.dtype)
         counts = torch.bincount(experts, minlength=self.count)
         sizes = counts.tolist()
-        total = len(experts)
-        padded_total = max(sizes) * self.count
-        if total >= self.BATCHED_FROM_SLOTS_PER_EXPERT * self.count and padded_total <= (1 + self.PADDING_LIMIT) * total:
-            results = self._batched(x[rows], experts, counts, max(sizes))
+        capacity = self.capacity(sizes)
+        starts = [0]
+        for size in sizes[:-1]:
+            starts.append(starts[-1] + size)
+        if capacity:
+            self._batched(x, out, rows, experts, slot_weights, counts, capacity)
+        beyond = [(e, starts[e] + capacity, size - capacity) for e, size in enumerate(sizes) if size > capacity]
+        if beyond:
+            self._per_expert(x, out, rows, slot_weights, beyond, every_slot=capacity == 0)
+        return out
+
+    def capacity(self, sizes: list[int]) -> int:
+        """Slots per expert to run batched (0: none): padding every expert to it, plus a matmul
+        pair for each expert with slots beyond it, cheapest together."""
+        extra = self.ROWS_PER_EXTRA_MATMUL + self.ROWS_PER_WEIGHT_READ
+        best, best_cost = 0, sum(s + extra for s in sizes if s)
+        for capacity in sorted(set(sizes) - {0}):
+            beyond = [s - capacity for s in sizes if s > capacity]
+            cost = self.count * (capacity + self.ROWS_PER_WEIGHT_READ) + sum(beyond) + extra * len(beyond)
+            if cost < best_cost:
+                best, best_cost = capacity, cost
+        return best
+
+    def _swiglu(self, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        gate, up = torch.matmul(rows, gate_up).chunk(2, dim=-1)
+        return torch.matmul(F.silu(gate) * up * weight, down)
+
+    def _batched(self, x, out, rows, experts, slot_weights, counts, capacity) -> None:
+        """The first `capacity` slots of every expert, padded to `capacity` rows each, in two bmm.
+
+        Without autograd, the large intermediates live in the workspace.
+        """
+        position = torch.arange(experts.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[experts]
+        kept = position < capacity
+        padded_slot = (experts * capacity + position)[kept]
+        # Padding rows read row 0 with weight 0: they add exactly nothing.
+        source = torch.zeros(self.count * capacity, dtype=rows.dtype, device=x.device).index_copy_(0, padded_slot, rows[kept])
+        weight = x.new_zeros(self.count * capacity).index_copy_(0, padded_slot, slot_weights[kept])
+        weight = weight.view(self.count, capacity, 1)
+        hidden, inner = x.shape[1], self.down.shape[1]
+        take = self.workspace.take
+        if torch.is_grad_enabled():
+            padded = x.index_select(0, source).view(self.count, capacity, hidden)
+            result = self._swiglu(padded, self.gate_up, self.down, weight)
         else:
-            results = self._per_expert(x[rows], sizes)
-        weighted = (results * weights.reshape(-1)[slots].unsqueeze(1)).to(x.dtype)
-        return out.index_add_(0, rows, weighted)
+            padded = torch.index_select(x, 0, source, out=take("expert_in", (source.numel(), hidden), x))
+            padded = padded.view(self.count, capacity, hidden)
+            gate_up = torch.bmm(padded, self.gate_up, out=take("expert_gate_up", (self.count, capacity, 2 * inner), x))
+            gate, up = gate_up.chunk(2, dim=-1)
+            activated = F.silu(gate, inplace=True).mul_(up).mul_(weight)
+            result = torch.bmm(activated, self.down, out=take("expert_out", (self.count, capacity, hidden), x))
+        out.index_add_(0, source, result.view(-1, hidden))
 
-    def _per_expert(self, gathered: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    def _per_expert(self, x, out, rows, slot_weights, segments: list[tuple[int, int, int]], every_slot: bool) -> None:
+        """The slots `start .. start + size - 1` (in expert order) of each (expert, start, size), one matmul pair each."""
+        if not every_slot:
+            index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
+            rows, slot_weights = rows[index], slot_weights[index]
+        gathered = x[rows]
         results = torch.empty_like(gathered)
-        start = 0
-        for expert, size in enumerate(counts):
-            if size:
-                segment = gathered[start:start + size]
-                gate, up = (segment @ self.gate_up[expert]).chunk(2, dim=-1)
-                results[start:start + size] = (F.silu(gate) * up) @ self.down[expert]
-                start += size
-        return results
-
-    def _batched(self, gathered: torch.Tensor, experts: torch.Tensor, counts: torch.Tensor, capacity: int) -> torch.Tensor:
-        starts = torch.cumsum(counts, 0) - counts
-        padded_row = experts * capacity + torch.arange(experts.numel(), device=experts.device) - starts[experts]
-        hidden = gathered.shape[1]
-        padded = gathered.new_zeros(self.count * capacity, hidden).index_copy_(0, padded_row, gathered)
-        gate, up = torch.bmm(padded.view(self.count, capacity, hidden), self.gate_up).chunk(2, dim=-1)
-        outputs = torch.bmm(F.silu(gate) * up, self.down)
-        return outputs.view(self.count * capacity, hidden).index_select(0, padded_row)
+        offset = 0
+        for expert, _, size in segments:
+            part = slice(offset, offset + size)
+            results[part] = self._swiglu(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None])
+            offset += size
+        out.index_add_(0, rows, results)
 
 
 class LocalExchange:
