@@ -20,6 +20,7 @@ from moeport.model.norm import RMSNorm
 from moeport.model.schedule import run_steps
 from moeport.model.steps import LayerState
 from moeport.model.timeline import Timeline
+from moeport.model.workspace import Workspace
 
 Caches = list[tuple[LatentCache, LatentCache]]
 
@@ -58,10 +59,10 @@ class LongcatForCausalLM(nn.Module):
         self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
         self.schedule = runtime.profile.schedule if runtime is not None else "overlap"
         self.timeline: Timeline | None = None  # set to time every step of every layer
-        shared = self.model.layers[0].mlp.experts.workspace if config.num_layers else None
+        workspace = Workspace()  # shared: it holds one layer's peak, not the sum over layers
         for layer in self.model.layers:
             layer.exchange = self._new_exchange(ep, ep_size)
-            layer.mlp.experts.workspace = shared  # one layer's peak, not the sum over layers
+            layer.mlp.experts.workspace = workspace
 
     def _new_exchange(self, ep: Any, ep_size: int) -> Any:
         if ep_size == 1:

@@ -13,15 +13,15 @@ expert-parallel group has one rank, dispatch/combine over it otherwise).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moeport.model.workspace import Workspace
-
 from moeport.collectives.base import CompletedHandle, Handle
 from moeport.model.config import LongcatConfig
+from moeport.model.workspace import Workspace
 
 
 @dataclasses.dataclass
@@ -109,9 +109,7 @@ class ExpertFFNs(nn.Module):
         counts = torch.bincount(experts, minlength=self.count)
         sizes = counts.tolist()
         capacity = self.capacity(sizes)
-        starts = [0]
-        for size in sizes[:-1]:
-            starts.append(starts[-1] + size)
+        starts = list(itertools.accumulate(sizes, initial=0))
         if capacity:
             self._batched(x, out, rows, experts, slot_weights, counts, capacity)
         beyond = [(e, starts[e] + capacity, size - capacity) for e, size in enumerate(sizes) if size > capacity]

@@ -13,12 +13,11 @@ import torch
 
 
 class Workspace:
-    """Named flat buffers, reused while no gradient is recorded.
+    """Named flat buffers for inference (no autograd: a reused buffer would corrupt saved activations).
 
     `take(name, shape, like)` returns a tensor of `shape` with `like`'s dtype and
     device, backed by the buffer `name`. Its contents are undefined, and it is only
-    valid until the next `take` of the same name. While autograd records, a fresh
-    tensor is returned instead (a reused buffer would corrupt saved activations).
+    valid until the next `take` of the same name.
     """
 
     def __init__(self) -> None:
@@ -26,8 +25,6 @@ class Workspace:
 
     def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
         """A tensor of `shape` (dtype and device of `like`) to write into; see the class docstring."""
-        if torch.is_grad_enabled():
-            return like.new_empty(shape)
         numel = 1
         for size in shape:
             numel *= size
@@ -35,7 +32,3 @@ class Workspace:
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
             buffer = self._buffers[name] = like.new_empty(max(numel, 0 if buffer is None else buffer.numel()))
         return buffer[:numel].view(shape)
-
-    def clear(self) -> None:
-        """Release every buffer."""
-        self._buffers.clear()

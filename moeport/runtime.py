@@ -223,9 +223,9 @@ class Runtime:
             return
         if self.world_size > 1:
             self.comm.barrier()
-        subgroups = {id(c): c for c in (self.groups.ep, self.groups.dp, self.groups.tp) if c is not self.groups.world}
-        for comm in subgroups.values():
-            comm.close()
+        for comm in (self.groups.ep, self.groups.dp, self.groups.tp):
+            if comm is not self.groups.world:
+                comm.close()
         self.groups.world.close()
 
     def __enter__(self) -> "Runtime":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -74,12 +76,10 @@ def test_single_process_runtime():
 
 
 def os_threads() -> int:
-    import os
-
     return len(os.listdir("/proc/self/task"))
 
 
-@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="needs Linux /proc")
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux /proc")
 def test_close_stops_the_library_threads():
     # A process group kept alive past destroy_process_group leaves gloo threads running into
     # interpreter exit, where they can abort the process after the job succeeded.
