@@ -133,11 +133,21 @@ class ExpertFFNs(nn.Module):
         gate, up = torch.matmul(rows, gate_up).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up * weight, down)
 
-    def _batched(self, x, out, rows, experts, slot_weights, counts, capacity) -> None:
-        """The first `capacity` slots of every expert, padded to `capacity` rows each, in two bmm.
+    def _swiglu_into(self, rows, gate_up, down, weight, result) -> None:
+        """`_swiglu` without autograd, writing into `result`; the intermediate lives in the workspace."""
+        shape = (*rows.shape[:-1], gate_up.shape[-1])
+        hidden = torch.matmul(rows, gate_up, out=self.workspace.take("expert_gate_up", shape, rows))
+        gate, up = hidden.chunk(2, dim=-1)
+        torch.matmul(F.silu(gate, inplace=True).mul_(up).mul_(weight), down, out=result)
 
-        Without autograd, the large intermediates live in the workspace.
-        """
+    def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The rows `index` of x (into the workspace without autograd)."""
+        if torch.is_grad_enabled():
+            return x.index_select(0, index)
+        return torch.index_select(x, 0, index, out=self.workspace.take("expert_in", (index.numel(), x.shape[1]), x))
+
+    def _batched(self, x, out, rows, experts, slot_weights, counts, capacity) -> None:
+        """The first `capacity` slots of every expert, padded to `capacity` rows each, in two bmm."""
         position = torch.arange(experts.numel(), device=x.device) - (torch.cumsum(counts, 0) - counts)[experts]
         kept = position < capacity
         padded_slot = (experts * capacity + position)[kept]
@@ -145,18 +155,13 @@ class ExpertFFNs(nn.Module):
         source = torch.zeros(self.count * capacity, dtype=rows.dtype, device=x.device).index_copy_(0, padded_slot, rows[kept])
         weight = x.new_zeros(self.count * capacity).index_copy_(0, padded_slot, slot_weights[kept])
         weight = weight.view(self.count, capacity, 1)
-        hidden, inner = x.shape[1], self.down.shape[1]
-        take = self.workspace.take
+        hidden = x.shape[1]
+        padded = self._gather(x, source).view(self.count, capacity, hidden)
         if torch.is_grad_enabled():
-            padded = x.index_select(0, source).view(self.count, capacity, hidden)
             result = self._swiglu(padded, self.gate_up, self.down, weight)
         else:
-            padded = torch.index_select(x, 0, source, out=take("expert_in", (source.numel(), hidden), x))
-            padded = padded.view(self.count, capacity, hidden)
-            gate_up = torch.bmm(padded, self.gate_up, out=take("expert_gate_up", (self.count, capacity, 2 * inner), x))
-            gate, up = gate_up.chunk(2, dim=-1)
-            activated = F.silu(gate, inplace=True).mul_(up).mul_(weight)
-            result = torch.bmm(activated, self.down, out=take("expert_out", (self.count, capacity, hidden), x))
+            result = self.workspace.take("expert_out", (self.count, capacity, hidden), x)
+            self._swiglu_into(padded, self.gate_up, self.down, weight, result)
         out.index_add_(0, source, result.view(-1, hidden))
 
     def _per_expert(self, x, out, rows, slot_weights, segments: list[tuple[int, int, int]], every_slot: bool) -> None:
@@ -164,13 +169,20 @@ class ExpertFFNs(nn.Module):
         if not every_slot:
             index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
             rows, slot_weights = rows[index], slot_weights[index]
-        gathered = x[rows]
-        results = torch.empty_like(gathered)
-        offset = 0
+        gathered = self._gather(x, rows)
+        parts, offset = [], 0
         for expert, _, size in segments:
-            part = slice(offset, offset + size)
-            results[part] = self._swiglu(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None])
+            parts.append((expert, slice(offset, offset + size)))
             offset += size
+        if torch.is_grad_enabled():
+            results = torch.cat([
+                self._swiglu(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None])
+                for expert, part in parts
+            ])
+        else:
+            results = self.workspace.take("expert_out", tuple(gathered.shape), x)
+            for expert, part in parts:
+                self._swiglu_into(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None], results[part])
         out.index_add_(0, rows, results)
 
 

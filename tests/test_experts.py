@@ -1,0 +1,89 @@
+"""The grouped FFN experts against a plain loop over slots, on every path they take."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from moeport.model import PRESETS
+from moeport.model.moe import ExpertFFNs
+
+
+def _experts(count: int = 8) -> ExpertFFNs:
+    config = PRESETS["tiny"]
+    experts = ExpertFFNs(config, 0, count)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        experts.gate_up.copy_(torch.randn(experts.gate_up.shape, generator=gen) * 0.1)
+        experts.down.copy_(torch.randn(experts.down.shape, generator=gen) * 0.1)
+    return experts
+
+
+def _slot_by_slot(experts: ExpertFFNs, x, local_ids, weights):
+    """The definition: each valid slot adds weight * SwiGLU_expert(row) to its row."""
+    rows = []
+    for row in range(x.shape[0]):
+        total = torch.zeros_like(x[row])
+        for slot in range(local_ids.shape[1]):
+            expert = int(local_ids[row, slot])
+            if expert >= 0:
+                gate, up = (x[row] @ experts.gate_up[expert]).chunk(2)
+                total = total + (F.silu(gate) * up * weights[row, slot]) @ experts.down[expert]
+        rows.append(total)
+    return torch.stack(rows)
+
+
+def _routing(rows: int, k: int, count: int, skew: bool, seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    if skew:  # most slots on expert 0, some invalid (-1)
+        ids = torch.where(torch.rand(rows, k, generator=gen) < 0.6, 0, torch.randint(-1, count, (rows, k), generator=gen))
+    else:
+        ids = torch.randint(-1, count, (rows, k), generator=gen)
+    return ids, torch.rand(rows, k, generator=gen)
+
+
+@pytest.mark.parametrize("capacity", [None, 0, 1, 3, 1000])
+@pytest.mark.parametrize("skew", [False, True])
+def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew):
+    experts = _experts()
+    if capacity is not None:  # force the path: all per expert (0), batched with overflow, all batched
+        experts.capacity = lambda sizes: min(capacity, max(sizes))
+    x = torch.randn(24, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(1))
+    ids, weights = _routing(24, 4, experts.count, skew, seed=2)
+    expected = _slot_by_slot(experts, x, ids, weights)
+    with torch.no_grad():
+        first = experts(x, ids, weights)
+        second = experts(x * 2, ids, weights)  # the workspace is reused: no stale rows
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(second, _slot_by_slot(experts, x * 2, ids, weights), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("capacity", [0, 2, 1000])
+def test_gradients_match_the_slot_by_slot_definition(capacity):
+    experts = _experts()
+    experts.capacity = lambda sizes: min(capacity, max(sizes))
+    x = torch.randn(12, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(3), requires_grad=True)
+    ids, weights = _routing(12, 3, experts.count, skew=True, seed=4)
+    weights.requires_grad_(True)
+    ours = torch.autograd.grad(experts(x, ids, weights).square().sum(), (x, weights, experts.gate_up, experts.down))
+    definition = torch.autograd.grad(
+        _slot_by_slot(experts, x, ids, weights).square().sum(), (x, weights, experts.gate_up, experts.down)
+    )
+    for a, b in zip(ours, definition):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_no_valid_slot_gives_zeros():
+    experts = _experts()
+    x = torch.randn(5, experts.gate_up.shape[1])
+    out = experts(x, torch.full((5, 2), -1), torch.rand(5, 2))
+    assert torch.equal(out, torch.zeros_like(x))
+
+
+def test_capacity_balances_padding_against_extra_matmuls():
+    experts = _experts(count=4)
+    assert experts.capacity([0, 0, 0, 1]) == 0  # one slot: padding every expert costs more
+    assert experts.capacity([50, 50, 50, 50]) == 50  # even counts: batch all of them
+    assert experts.capacity([50, 50, 50, 51]) == 51  # one slot over: padding three rows is cheaper than a matmul
+    assert experts.capacity([50, 50, 50, 150]) == 50  # one expert far over: run its rest alone rather than pad everyone
