@@ -51,13 +51,15 @@ def measure(rt, batch: int, length: int, repeats: int) -> dict:
             order = ("overlap", "sequential") if i % 2 else ("sequential", "overlap")
             for schedule in order:
                 model.schedule = schedule
-                results.setdefault(("prefill", schedule), []).append(_timed(rt, model, lambda: model(ids)))
+                results.setdefault(("prefill", schedule), []).append(
+                    _timed(rt, model, lambda: model(ids, logits_to_keep=1)))
                 caches = model.new_caches(batch, length + 1)
                 model.schedule = "sequential"
                 model(ids, caches)
                 model.schedule = schedule
                 step = ids[:, -1:]
-                results.setdefault(("decode", schedule), []).append(_timed(rt, model, lambda: model(step, caches)))
+                results.setdefault(("decode", schedule), []).append(
+                    _timed(rt, model, lambda: model(step, caches, logits_to_keep=1)))
     return results
 
 

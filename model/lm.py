@@ -92,8 +92,13 @@ class LongcatForCausalLM(nn.Module):
             for _ in self.model.layers
         ]
 
-    def forward(self, input_ids: torch.Tensor, caches: Caches | None = None) -> torch.Tensor:
-        """Logits [B, T, vocab] for token ids [B, T], continuing after what `caches` hold."""
+    def forward(self, input_ids: torch.Tensor, caches: Caches | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits [B, T, vocab] for token ids [B, T], continuing after what `caches` hold.
+
+        `logits_to_keep` > 0 gives only the last that many positions' logits (as
+        transformers' argument of that name): a prefill that only needs the next
+        token skips the rest of the vocabulary projection.
+        """
         input_ids = input_ids.to(self.device)
         batch, length = input_ids.shape
         start = caches[0][0].length if caches else 0
@@ -105,6 +110,8 @@ class LongcatForCausalLM(nn.Module):
             if self.timeline is not None:
                 self.timeline.layer = index
             x = run_steps(layer.steps(), state, self.schedule, self.timeline).out
+        if logits_to_keep > 0:
+            x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
 
     @torch.no_grad()
@@ -131,12 +138,12 @@ class LongcatForCausalLM(nn.Module):
             generator.manual_seed(torch.initial_seed() if seed is None else seed)
         caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         tokens = [input_ids]
-        logits = self(input_ids, caches)[:, -1]
+        logits = self(input_ids, caches, logits_to_keep=1)[:, -1]
         for step in range(max_new_tokens):
             next_token = pick_next_token(logits, do_sample, temperature, top_k, top_p, generator)
             tokens.append(next_token)
             if step + 1 < max_new_tokens:
-                logits = self(next_token, caches)[:, -1]
+                logits = self(next_token, caches, logits_to_keep=1)[:, -1]
         return torch.cat(tokens, dim=1)
 
 

@@ -121,6 +121,11 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(latent).view(b, s, self.heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
         k_nope, v = torch.split(kv, [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(b, self.heads, s, c.qk_rope_head_dim)], dim=-1)
+        # Fused attention kernels want one head size for q, k and v: zero-pad v (its extra
+        # output columns are zero and dropped), as the reference does for flash attention.
+        pad = c.qk_head_dim - c.v_head_dim
+        if pad > 0:
+            v = F.pad(v, (0, pad))
         past = s - t
         if past == 0:
             out = F.scaled_dot_product_attention(p.q, k, v, is_causal=t > 1, scale=self.softmax_scale)
@@ -129,6 +134,7 @@ class MLA(nn.Module):
             if t > 1:  # new positions see everything cached plus the new ones up to themselves
                 mask = torch.ones(t, s, dtype=torch.bool, device=p.q.device).tril(diagonal=past)
             out = F.scaled_dot_product_attention(p.q, k, v, attn_mask=mask, scale=self.softmax_scale)
+        out = out[..., : c.v_head_dim] if pad > 0 else out
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * c.v_head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:

@@ -143,13 +143,13 @@ def run_job(rt: Runtime, iterations: int, batch: int, prompt: int) -> dict[str, 
         rt.comm.barrier()
         model.timeline = Timeline.for_backend(rt.backend)
         started = time.perf_counter()
-        logits = model(ids, caches)[:, -1]
+        logits = model(ids, caches, logits_to_keep=1)[:, -1]
         rt.backend.synchronize()
         prefill_s = time.perf_counter() - started
         step_times = []
         for _ in range(iterations):
             step_start = time.perf_counter()
-            logits = model(logits.argmax(-1, keepdim=True), caches)[:, -1]
+            logits = model(logits.argmax(-1, keepdim=True), caches, logits_to_keep=1)[:, -1]
             rt.backend.synchronize()
             step_times.append(time.perf_counter() - step_start)
         total_s = time.perf_counter() - started

@@ -19,7 +19,6 @@ pytest.importorskip("transformers")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-
 def token_ids(batch=2, length=19, seed=3, vocab=256):
     return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(seed))
 
@@ -58,6 +57,16 @@ def test_kv_cache_decoding_equals_recomputing(checkpoint):
         caches = model.new_caches(2, generated.shape[1])
         chunks = [model(generated[:, :5], caches), model(generated[:, 5:11], caches), model(generated[:, 11:], caches)]
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
+
+
+def test_logits_to_keep_gives_the_last_positions(checkpoint):
+    model = load_pretrained(checkpoint)
+    ids = token_ids(length=7)
+    with torch.no_grad():
+        full, last, two = model(ids), model(ids, logits_to_keep=1), model(ids, logits_to_keep=2)
+    assert last.shape == (2, 1, full.shape[-1]) and two.shape == (2, 2, full.shape[-1])
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    torch.testing.assert_close(two, full[:, -2:], rtol=0, atol=1e-6)
 
 
 def test_sampling_is_seeded_and_respects_top_k(checkpoint):
