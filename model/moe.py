@@ -72,9 +72,13 @@ class ExpertFFNs(nn.Module):
     """
 
     #: Costs that steer the capacity choice, in slot rows of batched arithmetic: one
-    #: extra per-expert matmul pair (call overhead, small-matrix inefficiency), and
-    #: reading one expert's weights (a batched matmul reads every expert's).
+    #: extra per-expert matmul pair run from Python (call overhead, small-matrix
+    #: inefficiency), one more group in a grouped matmul, and reading one expert's
+    #: weights (a batched matmul reads every expert's). A slot row outside the batch
+    #: costs as many batched rows as there are intra-op threads: a batched matmul
+    #: spreads its experts over them, a small per-expert one gains little from them.
     ROWS_PER_EXTRA_MATMUL = 24
+    ROWS_PER_EXTRA_GROUP = 4
     ROWS_PER_WEIGHT_READ = 20
 
     def __init__(self, config: LongcatConfig, first: int, count: int) -> None:
@@ -120,11 +124,13 @@ class ExpertFFNs(nn.Module):
     def capacity(self, sizes: list[int]) -> int:
         """Slots per expert to run batched (0: none): padding every expert to it, plus a matmul
         pair for each expert with slots beyond it, cheapest together."""
-        extra = self.ROWS_PER_EXTRA_MATMUL + self.ROWS_PER_WEIGHT_READ
-        best, best_cost = 0, sum(s + extra for s in sizes if s)
+        grouped = not torch.is_grad_enabled() and grouped_mm_works(self.gate_up.device, self.gate_up.dtype)
+        extra = (self.ROWS_PER_EXTRA_GROUP if grouped else self.ROWS_PER_EXTRA_MATMUL) + self.ROWS_PER_WEIGHT_READ
+        row = max(1, torch.get_num_threads())
+        best, best_cost = 0, sum(row * s + extra for s in sizes if s)
         for capacity in sorted(set(sizes) - {0}):
             beyond = [s - capacity for s in sizes if s > capacity]
-            cost = self.count * (capacity + self.ROWS_PER_WEIGHT_READ) + sum(beyond) + extra * len(beyond)
+            cost = self.count * (capacity + self.ROWS_PER_WEIGHT_READ) + row * sum(beyond) + extra * len(beyond)
             if cost < best_cost:
                 best, best_cost = capacity, cost
         return best
@@ -165,11 +171,21 @@ class ExpertFFNs(nn.Module):
         out.index_add_(0, source, result.view(-1, hidden))
 
     def _per_expert(self, x, out, rows, slot_weights, segments: list[tuple[int, int, int]], every_slot: bool) -> None:
-        """The slots `start .. start + size - 1` (in expert order) of each (expert, start, size), one matmul pair each."""
+        """The slots `start .. start + size - 1` (in expert order) of each (expert, start, size), one matmul pair
+        per expert: one grouped matmul over all of them where the device and dtype have it, else a loop."""
         if not every_slot:
             index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
             rows, slot_weights = rows[index], slot_weights[index]
         gathered = self._gather(x, rows)
+        if not torch.is_grad_enabled() and grouped_mm_works(x.device, x.dtype):
+            sizes = [0] * self.count
+            for expert, _, size in segments:
+                sizes[expert] = size
+            ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=x.device)
+            gate, up = F.grouped_mm(gathered, self.gate_up, offs=ends).chunk(2, dim=-1)
+            activated = F.silu(gate, inplace=True).mul_(up).mul_(slot_weights[:, None])
+            out.index_add_(0, rows, F.grouped_mm(activated, self.down, offs=ends))
+            return
         parts, offset = [], 0
         for expert, _, size in segments:
             parts.append((expert, slice(offset, offset + size)))
@@ -184,6 +200,35 @@ class ExpertFFNs(nn.Module):
             for expert, part in parts:
                 self._swiglu_into(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None], results[part])
         out.index_add_(0, rows, results)
+
+
+_GROUPED_MM: dict[tuple[str, torch.dtype], bool] = {}
+
+
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped matmul (`F.grouped_mm`, no autograd) runs and is right for this device
+    type and dtype; probed once on a small problem, since the kernels that exist differ by device."""
+    key = (device.type, dtype)
+    if key not in _GROUPED_MM:
+        _GROUPED_MM[key] = _probe_grouped_mm(device, dtype)
+    return _GROUPED_MM[key]
+
+
+def _probe_grouped_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    grouped = getattr(F, "grouped_mm", None)
+    if grouped is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randint(-3, 4, (8, 16), generator=gen).to(device=device, dtype=dtype)
+    b = torch.randint(-3, 4, (3, 16, 8), generator=gen).to(device=device, dtype=dtype)
+    ends = torch.tensor([3, 3, 8], dtype=torch.int32, device=device)  # an empty group in the middle
+    try:
+        with torch.no_grad():
+            got = grouped(a, b, offs=ends)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    want = torch.cat([a[:3] @ b[0], a[3:] @ b[2]])
+    return got.shape == want.shape and bool(torch.equal(got.to(torch.float32), want.to(torch.float32)))
 
 
 class LocalExchange:
