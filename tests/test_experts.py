@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moeport.model import PRESETS
+from moeport.model import moe
 from moeport.model.moe import ExpertFFNs
 
 
@@ -45,7 +46,11 @@ def _routing(rows: int, k: int, count: int, skew: bool, seed: int):
 
 @pytest.mark.parametrize("capacity", [None, 0, 1, 3, 1000])
 @pytest.mark.parametrize("skew", [False, True])
-def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew):
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "loop"])
+def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped, monkeypatch):
+    if grouped and not moe.grouped_mm_works(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no grouped matmul for float32 on the CPU")
+    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), grouped)
     experts = _experts()
     if capacity is not None:  # force the path: all per expert (0), batched with overflow, all batched
         experts.capacity = lambda sizes: min(capacity, max(sizes))
@@ -72,6 +77,23 @@ def test_gradients_match_the_slot_by_slot_definition(capacity):
     )
     for a, b in zip(ours, definition):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _raises(*args, **kwargs):
+    raise NotImplementedError("no grouped kernel for this dtype")
+
+
+def _wrong_answer(a, b, offs):
+    return torch.zeros(a.shape[0], b.shape[-1], dtype=a.dtype)
+
+
+@pytest.mark.parametrize("replacement", [None, _raises, _wrong_answer], ids=["absent", "raises", "wrong-answer"])
+def test_grouped_mm_is_used_only_where_it_runs_and_is_right(replacement, monkeypatch):
+    if replacement is None:
+        monkeypatch.delattr(F, "grouped_mm", raising=False)
+    else:
+        monkeypatch.setattr(F, "grouped_mm", replacement, raising=False)
+    assert moe._probe_grouped_mm(torch.device("cpu"), torch.float32) is False
 
 
 def test_no_valid_slot_gives_zeros():
