@@ -1,10 +1,11 @@
 """The overlap schedule against the sequential one, side by side in one run.
 
-    python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 2] [--length 64]
+    python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 4] [--length 128]
 
 On spawned ranks of the profile (default: emulated-link, then plain cpu-gloo), the
 same model alternates between the two schedules (interleaved repeats, barrier before
-each), for a prefill forward of batch x length tokens per rank and for decode steps.
+each), for a prefill forward of batch x length tokens per rank (as served: next-token
+logits only) and for decode steps (8 timed together per repeat).
 Prints the median step times, the ratio overlap/sequential, and the hidden share of
 the communication under the overlap schedule (targets with the emulated link:
 ratio <= 0.7, hidden share >= 80%; on plain gloo: ratio <= 1).
@@ -27,16 +28,23 @@ from moeport.model.timeline import Timeline, summarize  # noqa: E402
 from moeport.profile import load_profile  # noqa: E402
 
 
-def _timed(rt, model, run) -> tuple[float, dict]:
+#: decode steps timed together per repeat (one step alone is too short to time reliably)
+DECODE_STEPS = 8
+
+
+def _timed(rt, model, run, steps: int = 1) -> tuple[float, dict]:
+    """Seconds per step of `steps` calls of `run`, and the timeline figures per step."""
     model.timeline = Timeline.for_backend(rt.backend)
     rt.comm.barrier()
     start = time.perf_counter()
-    run()
+    for _ in range(steps):
+        run()
     rt.backend.synchronize()
     elapsed = time.perf_counter() - start
-    figures = summarize(model.timeline.spans())
+    figures = {name: value if name == "hidden_share" else value / steps
+               for name, value in summarize(model.timeline.spans()).items()}
     model.timeline = None
-    return elapsed, figures
+    return elapsed / steps, figures
 
 
 def measure(rt, batch: int, length: int, repeats: int) -> dict:
@@ -53,13 +61,13 @@ def measure(rt, batch: int, length: int, repeats: int) -> dict:
                 model.schedule = schedule
                 results.setdefault(("prefill", schedule), []).append(
                     _timed(rt, model, lambda: model(ids, logits_to_keep=1)))
-                caches = model.new_caches(batch, length + 1)
+                caches = model.new_caches(batch, length + DECODE_STEPS)
                 model.schedule = "sequential"
                 model(ids, caches)
                 model.schedule = schedule
                 step = ids[:, -1:]
                 results.setdefault(("decode", schedule), []).append(
-                    _timed(rt, model, lambda: model(step, caches, logits_to_keep=1)))
+                    _timed(rt, model, lambda: model(step, caches, logits_to_keep=1), DECODE_STEPS))
     return results
 
 
@@ -87,8 +95,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", action="append", help="profiles to compare on (default: emulated-link, cpu-gloo)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
     for name in args.profile or ["emulated-link", "cpu-gloo"]:
         profile = load_profile(name)

@@ -37,7 +37,7 @@ import torch
 
 from moeport.collectives import differentiable as diff
 from moeport.collectives.base import Communicator, FutureHandle, MappedHandle
-from moeport.collectives.differentiable import RowFormat, pack_rows, unpack_rows
+from moeport.collectives.differentiable import RowFormat, unpack_rows
 
 _EXCHANGE_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
 
@@ -292,11 +292,25 @@ class ExpertParallelDispatcher:
             self._not_pending("dispatch")
             hidden, topk_weights = hidden.detach(), topk_weights.detach()
         routing = route(self.layout, topk_ids, topk_weights)
-        fields = _travelling_fields(hidden, routing)
-        fmt = RowFormat.for_tensors(fields)
-        if not differentiable:
-            fields = [pack_rows(fields, out=self._send.rows(len(routing.token_index), fmt.row_bytes, hidden.device))[0]]
+        if differentiable:
+            fields = _travelling_fields(hidden, routing)
+            fmt = RowFormat.for_tensors(fields)
+        else:
+            k = routing.local_ids.shape[1]
+            fmt = RowFormat.of([(hidden.dtype, hidden.shape[1]), (routing.weights.dtype, k), (_ID_DTYPE, k)])
+            fields = [self._pack_send_rows(hidden, routing, fmt)]
         return DispatchPlan(routing, hidden.dtype, topk_weights.dtype, hidden.shape[1], differentiable, fields, fmt)
+
+    def _pack_send_rows(self, hidden: torch.Tensor, routing: Routing, fmt: RowFormat) -> torch.Tensor:
+        """The travelling rows (hidden, weights, int32 local ids) written straight into the send buffer."""
+        packed = self._send.rows(len(routing.token_index), fmt.row_bytes, hidden.device)
+        hidden_field = fmt.view(packed, 0)
+        gathered = torch.index_select(hidden, 0, routing.token_index, out=hidden_field)
+        if gathered.data_ptr() != hidden_field.data_ptr():  # a kernel that would not write a strided view
+            hidden_field.copy_(gathered)
+        fmt.view(packed, 1).copy_(routing.weights)
+        fmt.view(packed, 2).copy_(routing.local_ids)
+        return packed
 
     def token_dispatch(self, plan: DispatchPlan, async_op: bool = False) -> Any:
         """Communication step: exchange the row counts (a small synchronous all_to_all), then issue the
