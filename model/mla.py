@@ -121,11 +121,15 @@ class MLA(nn.Module):
         kv = self.kv_b_proj(latent).view(b, s, self.heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
         k_nope, v = torch.split(kv, [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(b, self.heads, s, c.qk_rope_head_dim)], dim=-1)
-        # Fused attention kernels want one head size for q, k and v: zero-pad v (its extra
-        # output columns are zero and dropped), as the reference does for flash attention.
+        # Fused attention kernels want one head size for q, k and v. Widen v to it by taking
+        # the columns before it in the kv projection (the tail of k_nope): each output column
+        # depends on its own v column only, so the extra leading columns are dropped and the
+        # rest is exact, with no copy. Where k_nope is too narrow for that, zero-pad v.
         pad = c.qk_head_dim - c.v_head_dim
-        if pad > 0:
-            v = F.pad(v, (0, pad))
+        if 0 < pad <= c.qk_nope_head_dim:
+            v = kv[..., c.qk_nope_head_dim - pad:]
+        elif pad > 0:
+            v = F.pad(v, (pad, 0))
         past = s - t
         if past == 0:
             out = F.scaled_dot_product_attention(p.q, k, v, is_causal=t > 1, scale=self.softmax_scale)
@@ -134,7 +138,7 @@ class MLA(nn.Module):
             if t > 1:  # new positions see everything cached plus the new ones up to themselves
                 mask = torch.ones(t, s, dtype=torch.bool, device=p.q.device).tril(diagonal=past)
             out = F.scaled_dot_product_attention(p.q, k, v, attn_mask=mask, scale=self.softmax_scale)
-        out = out[..., : c.v_head_dim] if pad > 0 else out
+        out = out[..., pad:] if pad > 0 else out
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * c.v_head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -12,7 +13,7 @@ import torch
 
 from moeport.errors import UserError
 from moeport.model import PRESETS, load_pretrained, parameter_counts, save_pretrained
-from reference import edit_checkpoint, load_reference
+from reference import edit_checkpoint, load_reference, save_reference_checkpoint
 
 pytest.importorskip("transformers")
 
@@ -30,6 +31,22 @@ def test_logits_match_reference(checkpoint):
         got = load_pretrained(checkpoint)(ids)
     assert want.abs().max() > 1.0  # far from uniform: the comparison means something
     assert (got - want).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize("head_dims", [(4, 8, 16), (16, 8, 24), (16, 8, 16)], ids=["v-wider-than-nope", "v-wide", "v-narrow"])
+def test_logits_match_reference_for_other_head_sizes(head_dims, tmp_path):
+    """v narrower than q/k by more than k_nope (zero-padded), v as wide as q/k, the usual case."""
+    nope, rope, v = head_dims
+    config = dataclasses.replace(PRESETS["tiny"], qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v)
+    path = save_reference_checkpoint(str(tmp_path / "ckpt"), config, seed=5)
+    ids = token_ids(length=9)
+    reference, ours = load_reference(path), load_pretrained(path)
+    with torch.no_grad():
+        assert (ours(ids) - reference(ids).logits).abs().max() <= 1e-4
+    want = reference.generate(
+        ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, eos_token_id=None, pad_token_id=0
+    )
+    assert torch.equal(ours.generate(ids, max_new_tokens=5), want)  # the cached decoding path too
 
 
 def test_greedy_generate_matches_reference(checkpoint):
