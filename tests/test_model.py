@@ -33,9 +33,16 @@ def test_logits_match_reference(checkpoint):
     assert (got - want).abs().max().item() <= 1e-4
 
 
-@pytest.mark.parametrize("head_dims", [(4, 8, 16), (16, 8, 24), (16, 8, 16)], ids=["v-wider-than-nope", "v-wide", "v-narrow"])
+HEAD_SIZES = {  # (qk_nope, qk_rope, v) head dims
+    "v-short-by-less-than-nope": (16, 8, 16),  # the usual shape: v widened with k_nope's tail
+    "v-short-by-more-than-nope": (4, 16, 8),  # v zero-padded
+    "v-as-wide-as-qk": (16, 8, 24),
+    "v-wider-than-qk": (4, 8, 16),
+}
+
+
+@pytest.mark.parametrize("head_dims", list(HEAD_SIZES.values()), ids=list(HEAD_SIZES))
 def test_logits_match_reference_for_other_head_sizes(head_dims, tmp_path):
-    """v narrower than q/k by more than k_nope (zero-padded), v as wide as q/k, the usual case."""
     nope, rope, v = head_dims
     config = dataclasses.replace(PRESETS["tiny"], qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v)
     path = save_reference_checkpoint(str(tmp_path / "ckpt"), config, seed=5)
