@@ -1,6 +1,6 @@
 """The overlap schedule against the sequential one, side by side in one run.
 
-    python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 4] [--length 128]
+    python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 8] [--length 128]
 
 On spawned ranks of the profile (default: emulated-link, then plain cpu-gloo), the
 same model alternates between the two schedules (interleaved repeats, barrier before
@@ -95,7 +95,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", action="append", help="profiles to compare on (default: emulated-link, cpu-gloo)")
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
     args = parser.parse_args()
     for name in args.profile or ["emulated-link", "cpu-gloo"]:
