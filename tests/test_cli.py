@@ -32,8 +32,6 @@ def test_python_dash_m_and_version():
     assert "capabilities:" in run_cli("info").stdout
 
 
-
-
 @pytest.mark.parametrize("world_size", ["1", "2"])
 def test_forward_writes_logits_in_input_order(checkpoint, tokens, tmp_path, world_size):
     out = tmp_path / "logits.npy"

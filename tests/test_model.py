@@ -128,8 +128,6 @@ def test_save_and_reload_round_trip(checkpoint, tmp_path):
     torch.testing.assert_close(reread, model(ids), rtol=0, atol=1e-4)
 
 
-
-
 def test_zero_expert_slots_are_ignored_and_only_those(checkpoint, tmp_path):
     from safetensors import safe_open
 

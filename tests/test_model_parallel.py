@@ -17,7 +17,6 @@ pytestmark = pytest.mark.timeout(300)
 BATCH, LENGTH, NEW = 5, 13, 6
 
 
-
 def prompts():
     return torch.randint(0, 256, (BATCH, LENGTH), generator=torch.Generator().manual_seed(9))
 

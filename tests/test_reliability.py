@@ -22,10 +22,6 @@ from reference import edit_checkpoint
 pytestmark = pytest.mark.timeout(300)
 
 
-
-
-
-
 def _wrong_config(src, dst):
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
