@@ -29,17 +29,17 @@ def rope_inverse_frequencies(config: LongcatConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, T, rope/2] for positions [B, T], cast to `dtype` as the reference does."""
-    freqs = positions[..., None].to(torch.float32) * inv_freq.to(positions.device)
+    """cos and sin [B, 1, T, rope/2] (broadcast over heads) for positions [B, T], cast to `dtype`
+    as the reference does."""
+    freqs = positions[:, None, :, None].to(torch.float32) * inv_freq.to(positions.device)
     return freqs.cos().to(dtype), freqs.sin().to(dtype)
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dim; output de-interleaved halves.
 
-    x: [B, H, T, rope]; cos, sin: [B, T, rope/2].
+    x: [B, H, T, rope]; cos, sin: [B, 1, T, rope/2].
     """
-    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
     x1, x2 = x[..., 0::2], x[..., 1::2]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
@@ -104,13 +104,14 @@ class MLA(nn.Module):
         c = self.config
         b, t, _ = x.shape
         q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(b, t, self.heads, c.qk_head_dim).transpose(1, 2)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
         q_nope, q_rope = torch.split(q, [c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
         latent, k_rope = torch.split(self.kv_a_proj_with_mqa(x), [c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent) * self.kv_scale
-        q_nope, q_rope = q_nope * self.q_scale, q_rope * self.q_scale
-        q_rope = apply_interleaved_rope(q_rope, cos, sin)
-        k_rope = apply_interleaved_rope(k_rope.unsqueeze(1), cos, sin).squeeze(1)
-        return Projected(torch.cat([q_nope, q_rope], dim=-1), latent, k_rope)
+        # the rope key rides along as one more head: one rotation for q and k
+        rotated = apply_interleaved_rope(torch.cat([q_rope, k_rope.unsqueeze(1)], dim=1), cos, sin)
+        return Projected(torch.cat([q_nope, rotated[:, : self.heads]], dim=-1), latent, rotated[:, self.heads])
 
     def attend(self, p: Projected, cache: LatentCache | None = None) -> torch.Tensor:
         """Core attention over the cached and new positions, then the output projection: [B, T, hidden]."""
