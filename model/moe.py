@@ -59,6 +59,8 @@ def zero_expert_output(x: torch.Tensor, routing: Routing, n_routed_experts: int)
 def ffn_slots(routing: Routing, n_routed_experts: int, first: int = 0, count: int | None = None) -> torch.Tensor:
     """Local expert ids [T, k] of the slots routed to experts first..first+count-1; -1 elsewhere."""
     count = n_routed_experts if count is None else count
+    if first == 0 and count == n_routed_experts:  # every FFN expert: only the zero experts are masked
+        return torch.where(routing.ids < n_routed_experts, routing.ids, -1)
     local = routing.ids - first
     return torch.where((local >= 0) & (local < count) & (routing.ids < n_routed_experts), local, -1)
 
