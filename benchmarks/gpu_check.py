@@ -4,8 +4,8 @@
 
 Runs at world size 1: the CUDA backend's streams, timing events and memory
 statistics, an NCCL all_reduce through the Runtime, and the generic backend
-driving the same GPU through torch.accelerator. Exits 1 if any check fails.
-Not part of CI, which has no GPU.
+driving the same GPU through torch.accelerator. Exits 1 if any check fails, 2
+with one line where there is no CUDA device. Not part of CI, which has no GPU.
 """
 
 from __future__ import annotations
@@ -105,6 +105,12 @@ def generic_backend_on_cuda():
 
 
 def main() -> int:
+    from moeport.backends.cuda import CUDABackend
+
+    absent = CUDABackend().unavailable_reason()
+    if absent is not None:  # nothing to check here: one line, as for any wrong input
+        print(f"gpu_check: error: {absent}", file=sys.stderr)
+        return 2
     failed = 0
     for fn in CHECKS:
         try:
