@@ -158,8 +158,10 @@ class _Buffer:
     def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """The first `nbytes` bytes, growing (by at least a quarter) when too small."""
         flat = self._flat
-        if flat is None or flat.numel() < nbytes or flat.device != device:
-            size = nbytes if flat is None or flat.device != device else max(nbytes, flat.numel() * 5 // 4)
+        # a buffer made in torch's inference mode cannot be written outside it
+        stale = flat is not None and flat.is_inference() and not torch.is_inference_mode_enabled()
+        if flat is None or stale or flat.numel() < nbytes or flat.device != device:
+            size = nbytes if flat is None or stale or flat.device != device else max(nbytes, flat.numel() * 5 // 4)
             flat = self._flat = torch.empty(size, dtype=torch.uint8, device=device)
         return flat[:nbytes]
 

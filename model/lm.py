@@ -114,7 +114,6 @@ class LongcatForCausalLM(nn.Module):
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
 
-    @torch.no_grad()
     def generate(
         self,
         input_ids: torch.Tensor,
@@ -129,22 +128,25 @@ class LongcatForCausalLM(nn.Module):
 
         Sampling applies `temperature`, then keeps the `top_k` most likely tokens
         (0: all) and the smallest set whose probability reaches `top_p`.
-        Decodes with the KV cache: the prompt once, then one position per step.
+        Decodes with the KV cache: the prompt once, then one position per step, in
+        torch's inference mode (less bookkeeping per operation than no_grad); the
+        returned ids are an ordinary tensor.
         """
         input_ids = input_ids.to(self.device)
         generator = None
         if do_sample:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(torch.initial_seed() if seed is None else seed)
-        caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
         tokens = [input_ids]
-        logits = self(input_ids, caches, logits_to_keep=1)[:, -1]
-        for step in range(max_new_tokens):
-            next_token = pick_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-            tokens.append(next_token)
-            if step + 1 < max_new_tokens:
-                logits = self(next_token, caches, logits_to_keep=1)[:, -1]
-        return torch.cat(tokens, dim=1)
+        with torch.inference_mode():
+            caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+            logits = self(input_ids, caches, logits_to_keep=1)[:, -1]
+            for step in range(max_new_tokens):
+                next_token = pick_next_token(logits, do_sample, temperature, top_k, top_p, generator)
+                tokens.append(next_token)
+                if step + 1 < max_new_tokens:
+                    logits = self(next_token, caches, logits_to_keep=1)[:, -1]
+        return torch.cat(tokens, dim=1)  # outside inference mode: an ordinary tensor
 
 
 def pick_next_token(

@@ -29,6 +29,12 @@ class Workspace:
         for size in shape:
             numel *= size
         buffer = self._buffers.get(name)
-        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device:
+        if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device \
+                or _stale_inference_tensor(buffer):
             buffer = self._buffers[name] = like.new_empty(max(numel, 0 if buffer is None else buffer.numel()))
         return buffer[:numel].view(shape)
+
+
+def _stale_inference_tensor(buffer: torch.Tensor) -> bool:
+    """A buffer made in torch's inference mode cannot be written outside it: make a new one then."""
+    return buffer.is_inference() and not torch.is_inference_mode_enabled()

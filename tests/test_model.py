@@ -93,6 +93,20 @@ def test_logits_to_keep_gives_the_last_positions(checkpoint):
     torch.testing.assert_close(two, full[:, -2:], rtol=0, atol=1e-6)
 
 
+def test_generate_and_forward_take_turns(checkpoint):
+    """generate runs in inference mode; buffers it made are replaced, not written, by a later no_grad forward."""
+    model = load_pretrained(checkpoint)
+    ids = token_ids(length=6)
+    first = model.generate(ids, max_new_tokens=3)
+    first[:, 0] = 0  # an ordinary tensor: editable outside inference mode
+    with torch.no_grad():
+        logits = model(ids)
+    again = model.generate(ids, max_new_tokens=3)
+    with torch.no_grad():
+        assert torch.equal(model(ids), logits)
+    assert torch.equal(again[:, 1:], first[:, 1:]) and not again.is_inference()
+
+
 def test_sampling_is_seeded_and_respects_top_k(checkpoint):
     model = load_pretrained(checkpoint)
     ids = token_ids(length=5)

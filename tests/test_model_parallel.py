@@ -85,3 +85,21 @@ def one_row_job(rt, path):
     ids = prompts()[:1] if rt.rank == 0 else prompts()[:0]
     with torch.no_grad():
         return model(ids)
+
+
+def generate_first_job(rt, path):
+    """A fresh expert-parallel model that decodes first (inference mode), then runs a no_grad forward."""
+    model = load_pretrained(path, rt)
+    ids = prompts()[my_rows(BATCH, rt.rank, rt.world_size)]
+    tokens = model.generate(ids, max_new_tokens=2)
+    with torch.no_grad():
+        return tokens, model(ids)
+
+
+def test_buffers_made_while_decoding_do_not_break_a_later_forward(checkpoint, expected):
+    logits, tokens = expected
+    results = run_ranks(generate_first_job, 2, load_profile("cpu-gloo"), args=(checkpoint,), timeout_s=240)
+    for rank, (got_tokens, got_logits) in enumerate(results):
+        rows = my_rows(BATCH, rank, 2)
+        assert torch.equal(got_tokens, tokens[rows, : LENGTH + 2])
+        assert (got_logits - logits[rows]).abs().max().item() <= 1e-4
