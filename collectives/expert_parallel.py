@@ -37,6 +37,7 @@ import torch
 
 from moeport.collectives import differentiable as diff
 from moeport.collectives.base import Communicator, FutureHandle, MappedHandle
+from moeport.buffers import cannot_write_here
 from moeport.collectives.differentiable import RowFormat, unpack_rows
 
 _EXCHANGE_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
@@ -158,8 +159,7 @@ class _Buffer:
     def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """The first `nbytes` bytes, growing (by at least a quarter) when too small."""
         flat = self._flat
-        # a buffer made in torch's inference mode cannot be written outside it
-        stale = flat is not None and flat.is_inference() and not torch.is_inference_mode_enabled()
+        stale = flat is not None and cannot_write_here(flat)
         if flat is None or stale or flat.numel() < nbytes or flat.device != device:
             size = nbytes if flat is None or stale or flat.device != device else max(nbytes, flat.numel() * 5 // 4)
             flat = self._flat = torch.empty(size, dtype=torch.uint8, device=device)

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from moeport.buffers import cannot_write_here
+
 
 class Workspace:
     """Named flat buffers for inference (no autograd: a reused buffer would corrupt saved activations).
@@ -30,11 +32,6 @@ class Workspace:
             numel *= size
         buffer = self._buffers.get(name)
         if buffer is None or buffer.numel() < numel or buffer.dtype != like.dtype or buffer.device != like.device \
-                or _stale_inference_tensor(buffer):
+                or cannot_write_here(buffer):
             buffer = self._buffers[name] = like.new_empty(max(numel, 0 if buffer is None else buffer.numel()))
         return buffer[:numel].view(shape)
-
-
-def _stale_inference_tensor(buffer: torch.Tensor) -> bool:
-    """A buffer made in torch's inference mode cannot be written outside it: make a new one then."""
-    return buffer.is_inference() and not torch.is_inference_mode_enabled()
