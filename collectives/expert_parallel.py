@@ -159,9 +159,9 @@ class _Buffer:
     def take(self, nbytes: int, device: torch.device) -> torch.Tensor:
         """The first `nbytes` bytes, growing (by at least a quarter) when too small."""
         flat = self._flat
-        stale = flat is not None and cannot_write_here(flat)
-        if flat is None or stale or flat.numel() < nbytes or flat.device != device:
-            size = nbytes if flat is None or stale or flat.device != device else max(nbytes, flat.numel() * 5 // 4)
+        unusable = flat is None or flat.device != device or cannot_write_here(flat)
+        if unusable or flat.numel() < nbytes:
+            size = nbytes if unusable else max(nbytes, flat.numel() * 5 // 4)
             flat = self._flat = torch.empty(size, dtype=torch.uint8, device=device)
         return flat[:nbytes]
 

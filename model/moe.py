@@ -126,8 +126,7 @@ class ExpertFFNs(nn.Module):
     def capacity(self, sizes: list[int]) -> int:
         """Slots per expert to run batched (0: none): padding every expert to it, plus a matmul
         pair for each expert with slots beyond it, cheapest together."""
-        grouped = not torch.is_grad_enabled() and grouped_mm_works(self.gate_up.device, self.gate_up.dtype)
-        extra = (self.ROWS_PER_EXTRA_GROUP if grouped else self.ROWS_PER_EXTRA_MATMUL) + self.ROWS_PER_WEIGHT_READ
+        extra = (self.ROWS_PER_EXTRA_GROUP if self._grouped() else self.ROWS_PER_EXTRA_MATMUL) + self.ROWS_PER_WEIGHT_READ
         row = max(1, torch.get_num_threads())
         best, best_cost = 0, sum(row * s + extra for s in sizes if s)
         for capacity in sorted(set(sizes) - {0}):
@@ -137,16 +136,25 @@ class ExpertFFNs(nn.Module):
                 best, best_cost = capacity, cost
         return best
 
+    def _grouped(self) -> bool:
+        """Whether the slots outside the batch run as one grouped matmul (else a loop over experts)."""
+        return not torch.is_grad_enabled() and grouped_mm_works(self.gate_up.device, self.gate_up.dtype)
+
     def _swiglu(self, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         gate, up = torch.matmul(rows, gate_up).chunk(2, dim=-1)
         return torch.matmul(F.silu(gate) * up * weight, down)
+
+    @staticmethod
+    def _weighted_activation_(gate_up_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """silu(gate) * up * weight, in place in the gate half of a gate/up matmul output (no autograd)."""
+        gate, up = gate_up_out.chunk(2, dim=-1)
+        return F.silu(gate, inplace=True).mul_(up).mul_(weight)
 
     def _swiglu_into(self, rows, gate_up, down, weight, result) -> None:
         """`_swiglu` without autograd, writing into `result`; the intermediate lives in the workspace."""
         shape = (*rows.shape[:-1], gate_up.shape[-1])
         hidden = torch.matmul(rows, gate_up, out=self.workspace.take("expert_gate_up", shape, rows))
-        gate, up = hidden.chunk(2, dim=-1)
-        torch.matmul(F.silu(gate, inplace=True).mul_(up).mul_(weight), down, out=result)
+        torch.matmul(self._weighted_activation_(hidden, weight), down, out=result)
 
     def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The rows `index` of x (into the workspace without autograd)."""
@@ -179,13 +187,12 @@ class ExpertFFNs(nn.Module):
             index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
             rows, slot_weights = rows[index], slot_weights[index]
         gathered = self._gather(x, rows)
-        if not torch.is_grad_enabled() and grouped_mm_works(x.device, x.dtype):
+        if self._grouped():
             sizes = [0] * self.count
             for expert, _, size in segments:
                 sizes[expert] = size
             ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=x.device)
-            gate, up = F.grouped_mm(gathered, self.gate_up, offs=ends).chunk(2, dim=-1)
-            activated = F.silu(gate, inplace=True).mul_(up).mul_(slot_weights[:, None])
+            activated = self._weighted_activation_(F.grouped_mm(gathered, self.gate_up, offs=ends), slot_weights[:, None])
             out.index_add_(0, rows, F.grouped_mm(activated, self.down, offs=ends))
             return
         parts, offset = [], 0
