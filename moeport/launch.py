@@ -282,7 +282,6 @@ _POLL_S = 0.02
 _loading_job = False  # set in a rank while it loads its job (and runs the launcher's main module)
 _LAUNCHER_PID_ENV = "MOEPORT_LAUNCHER_PID"
 _SHM_DIR_ENV = "OMPI_MCA_btl_sm_backing_directory"
-_BTL_ENV = "OMPI_MCA_btl"
 # What Open MPI's launcher prints when a rank dies by a signal (the line may wrap anywhere).
 _SIGNAL_BANNER = re.compile(
     r"process\s+rank\s+(\d+)\s+with\s+PID\s+\d+\s+on\s+node\s+\S+\s+exited\s+on\s+signal\s+(\d+)"
@@ -311,11 +310,6 @@ def _mpiexec_env(threads: int, shm_dir: str | None) -> dict[str, str]:
     """
     env = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS and not k.startswith(_LAUNCH_PREFIXES)}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS=str(threads))
-    # Open MPI 5's shared-memory transport can leave a small message undelivered when point-to-point
-    # requests are progressed by MPI_Test next to blocking collectives (open-mpi/ompi#12816; a 4-rank
-    # job of ours hung once in CI that way). The local ranks talk over loopback TCP instead, which
-    # was also faster here with more ranks than cores; a user's own OMPI_MCA_btl wins.
-    env.setdefault(_BTL_ENV, "self,tcp")
     env[_LAUNCHER_PID_ENV] = str(os.getpid())
     if shm_dir is not None:
         env[_SHM_DIR_ENV] = shm_dir

@@ -17,7 +17,7 @@ pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 from moeport.collectives.base import ReduceOp  # noqa: E402
 from moeport.conformance import failed, format_matrix, merge, run_suite  # noqa: E402
 from moeport.errors import UserError  # noqa: E402
-from moeport.launch import _mpiexec_env, spawn_mpiexec  # noqa: E402
+from moeport.launch import spawn_mpiexec  # noqa: E402
 from moeport.profile import load_profile  # noqa: E402
 from moeport.testing import RankError, run_ranks  # noqa: E402
 
@@ -393,10 +393,3 @@ def test_missing_mpiexec_is_a_user_error(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(UserError, match=r"mpiexec.*pip install 'moeport\[mpi\]'"):
         spawn_mpiexec(sleeper, (str(tmp_path),), 2)
-
-
-def test_spawned_mpi_jobs_use_loopback_tcp_unless_the_user_chose(monkeypatch):
-    monkeypatch.delenv("OMPI_MCA_btl", raising=False)
-    assert _mpiexec_env(1, None)["OMPI_MCA_btl"] == "self,tcp"
-    monkeypatch.setenv("OMPI_MCA_btl", "self,sm")
-    assert _mpiexec_env(1, None)["OMPI_MCA_btl"] == "self,sm"
