@@ -27,7 +27,7 @@ def _normal(shape: tuple[int, ...], std: float, seed: int, name: str) -> torch.T
 def init_weights(model: LongcatForCausalLM, seed: int = 0) -> LongcatForCausalLM:
     """Fill `model` (on the CPU, before `place`): normal(0, initializer_range) weights, unit norms, zero biases."""
     std = model.config.initializer_range
-    for name, tensor in model.named_parameters():
+    for name, tensor in model.state_dict().items():  # checkpoint names; the tensors share the parameters' storage
         if ".mlp.experts." in name:
             continue
         if name.endswith("norm.weight") or "layernorm" in name:

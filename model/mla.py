@@ -3,7 +3,8 @@
 q = q_b(RMSNorm(q_a(x))); latent, k_rope = split(kv_a_proj_with_mqa(x)); latent = RMSNorm(latent);
 k_nope, v = split(kv_b(latent)); q is scaled by sqrt(hidden / q_lora_rank) and the normed latent
 by sqrt(hidden / kv_lora_rank); interleaved rotary embedding on the rope parts. The KV cache
-holds the compressed latent and the rotated rope key, not expanded heads.
+holds the compressed latent and the rotated rope key, not expanded heads; decoding one
+position attends in the latent space (kv_b_proj folded into the query and the output).
 
 The forward pass is split in two so a schedule can place them apart: `project` (the q/kv
 projections) and `attend` (cache update, core attention, output projection).
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeport.model.config import LongcatConfig
+from moeport.model.fused import fused_linear_weight, save_as_parts
 from moeport.model.norm import RMSNorm
 
 
@@ -29,53 +31,59 @@ def rope_inverse_frequencies(config: LongcatConfig) -> torch.Tensor:
 
 
 def rope_cos_sin(inv_freq: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin [B, 1, T, rope/2] (broadcast over heads) for positions [B, T], cast to `dtype`
-    as the reference does."""
+    """The rotation for positions [B, T], laid out for `apply_interleaved_rope`: cos and signed sin
+    [B, 1, T, rope] (broadcast over heads), (cos a, cos a) and (-sin a, sin a) for each pair's
+    angle a, cast to `dtype` as the reference casts them."""
     freqs = positions[:, None, :, None].to(torch.float32) * inv_freq.to(positions.device)
-    return freqs.cos().to(dtype), freqs.sin().to(dtype)
+    cos, sin = freqs.cos().to(dtype), freqs.sin().to(dtype)
+    return cos.repeat_interleave(2, dim=-1), torch.stack([-sin, sin], dim=-1).flatten(-2)
 
 
 def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x0, x1), (x2, x3), ... of the last dim; output de-interleaved halves.
+    """Rotate each interleaved pair (x0, x1), (x2, x3), ... of the last dim by its angle, in place
+    in the pair: (x0 cos - x1 sin, x1 cos + x0 sin). The reference writes the same values
+    de-interleaved (all first members, then all second members); attention scores do not
+    depend on that order as long as queries and keys share it, and here they all do.
 
-    x: [B, H, T, rope]; cos, sin: [B, 1, T, rope/2].
+    x: [B, H, T, rope]; cos, sin: from `rope_cos_sin`.
     """
-    x1, x2 = x[..., 0::2], x[..., 1::2]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0), (x3, x2), ...
+    return torch.addcmul(x * cos, swapped, sin)
 
 
 @dataclasses.dataclass
 class LatentCache:
-    """Per-block decoding cache: scaled normed latent [B, S, kv_lora_rank] and rotated rope key [B, S, rope]."""
+    """Per-block decoding cache: for each position, the scaled normed latent [kv_lora_rank] and then
+    the rotated rope key [rope], side by side in one tensor `keys` [B, S, kv_lora_rank + rope]."""
 
-    latent: torch.Tensor
-    k_rope: torch.Tensor
+    keys: torch.Tensor
+    kv_lora_rank: int
     length: int = 0
 
     @classmethod
     def empty(cls, batch: int, capacity: int, config: LongcatConfig, dtype: torch.dtype, device: torch.device) -> "LatentCache":
         """A cache with room for `capacity` positions."""
-        return cls(
-            torch.empty(batch, capacity, config.kv_lora_rank, dtype=dtype, device=device),
-            torch.empty(batch, capacity, config.qk_rope_head_dim, dtype=dtype, device=device),
-        )
+        width = config.kv_lora_rank + config.qk_rope_head_dim
+        return cls(torch.empty(batch, capacity, width, dtype=dtype, device=device), config.kv_lora_rank)
 
     def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store new positions; returns the whole cached latent and rope key so far."""
         end = self.length + latent.shape[1]
-        if end > self.latent.shape[1]:
-            raise ValueError(f"KV cache holds {self.latent.shape[1]} positions; {end} needed")
-        self.latent[:, self.length:end] = latent
-        self.k_rope[:, self.length:end] = k_rope
+        if end > self.keys.shape[1]:
+            raise ValueError(f"KV cache holds {self.keys.shape[1]} positions; {end} needed")
+        self.keys[:, self.length:end, : self.kv_lora_rank] = latent
+        self.keys[:, self.length:end, self.kv_lora_rank:] = k_rope
         self.length = end
-        return self.latent[:, :end], self.k_rope[:, :end]
+        cached = self.keys[:, :end]
+        return cached[..., : self.kv_lora_rank], cached[..., self.kv_lora_rank:]
 
 
 @dataclasses.dataclass
 class Projected:
-    """What `project` hands to `attend`: rotated queries and this step's latent and rope key."""
+    """What `project` hands to `attend`: the queries and this step's latent and rope key."""
 
-    q: torch.Tensor  # [B, H, T, qk_head_dim], rope part rotated
+    q_nope: torch.Tensor  # [B, H, T, qk_nope_head_dim]
+    q_rope: torch.Tensor  # [B, H, T, rope], rotated
     latent: torch.Tensor  # [B, T, kv_lora_rank], normed and scaled
     k_rope: torch.Tensor  # [B, T, rope], rotated
 
@@ -88,37 +96,41 @@ class MLA(nn.Module):
         c = config
         self.config = c
         self.heads = c.num_attention_heads
-        self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=False)
+        # q_a_proj and kv_a_proj_with_mqa as one weight: one matmul for both (checkpoint names kept)
+        kv_a_rows = c.kv_lora_rank + c.qk_rope_head_dim
+        self.qkv_a_proj = fused_linear_weight(c.hidden_size, [c.q_lora_rank, kv_a_rows])
+        save_as_parts(self, "qkv_a_proj", [("q_a_proj.weight", c.q_lora_rank), ("kv_a_proj_with_mqa.weight", kv_a_rows)])
         self.q_a_layernorm = RMSNorm(c.q_lora_rank)
         self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=False)
         self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
         self.q_scale = math.sqrt(c.hidden_size / c.q_lora_rank) if c.mla_scale_q_lora else 1.0
         self.kv_scale = math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale_kv_lora else 1.0
-        self.softmax_scale = c.qk_head_dim ** -0.5
+        # q's variance-alignment scale applies to the scores (q enters them linearly): one multiply fewer
+        self.score_scale = c.qk_head_dim ** -0.5 * self.q_scale
 
     def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> Projected:
-        """The q and kv projections of x [B, T, hidden], with rope applied."""
+        """The q and kv projections of x [B, T, hidden], with rope applied (q's scale is left to the scores)."""
         c = self.config
         b, t, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))).view(b, t, self.heads, c.qk_head_dim).transpose(1, 2)
-        if self.q_scale != 1.0:
-            q = q * self.q_scale
+        q_a, latent, k_rope = torch.split(F.linear(x, self.qkv_a_proj), [c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        q = self.q_b_proj(self.q_a_layernorm(q_a)).view(b, t, self.heads, c.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = torch.split(q, [c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        latent, k_rope = torch.split(self.kv_a_proj_with_mqa(x), [c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         latent = self.kv_a_layernorm(latent) * self.kv_scale
         # the rope key rides along as one more head: one rotation for q and k
         rotated = apply_interleaved_rope(torch.cat([q_rope, k_rope.unsqueeze(1)], dim=1), cos, sin)
-        return Projected(torch.cat([q_nope, rotated[:, : self.heads]], dim=-1), latent, rotated[:, self.heads])
+        return Projected(q_nope, rotated[:, : self.heads], latent, rotated[:, self.heads])
 
     def attend(self, p: Projected, cache: LatentCache | None = None) -> torch.Tensor:
         """Core attention over the cached and new positions, then the output projection: [B, T, hidden]."""
         c = self.config
+        t = p.q_nope.shape[2]
+        if cache is not None and t == 1:
+            return self._attend_latent(p, cache)
         latent, k_rope = (p.latent, p.k_rope) if cache is None else cache.append(p.latent, p.k_rope)
         b, s, _ = latent.shape
-        t = p.q.shape[2]
+        q = torch.cat([p.q_nope, p.q_rope], dim=-1)
         kv = self.kv_b_proj(latent).view(b, s, self.heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
         k_nope, v = torch.split(kv, [c.qk_nope_head_dim, c.v_head_dim], dim=-1)
         k = torch.cat([k_nope, k_rope.unsqueeze(1).expand(b, self.heads, s, c.qk_rope_head_dim)], dim=-1)
@@ -133,14 +145,32 @@ class MLA(nn.Module):
             v = F.pad(v, (pad, 0))
         past = s - t
         if past == 0:
-            out = F.scaled_dot_product_attention(p.q, k, v, is_causal=t > 1, scale=self.softmax_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.score_scale)
         else:
             mask = None
             if t > 1:  # new positions see everything cached plus the new ones up to themselves
-                mask = torch.ones(t, s, dtype=torch.bool, device=p.q.device).tril(diagonal=past)
-            out = F.scaled_dot_product_attention(p.q, k, v, attn_mask=mask, scale=self.softmax_scale)
+                mask = torch.ones(t, s, dtype=torch.bool, device=q.device).tril(diagonal=past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.score_scale)
         out = out[..., pad:] if pad > 0 else out
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * c.v_head_dim))
+
+    def _attend_latent(self, p: Projected, cache: LatentCache) -> torch.Tensor:
+        """`attend` for one new position: attention in the latent space, with kv_b_proj folded
+        into the query (its key half) and into the output (its value half), so the cached
+        positions are never expanded to heads. Same result up to rounding."""
+        c = self.config
+        cache.append(p.latent, p.k_rope)
+        b, heads, t, _ = p.q_nope.shape
+        keys = cache.keys[:, None, : cache.length].expand(b, heads, cache.length, cache.keys.shape[-1])
+        kv_b = self.kv_b_proj.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
+        # per head: q_nope [B*T, nope] @ W_k [nope, kv_lora], as one batched matmul over heads
+        q_latent = torch.bmm(p.q_nope.transpose(0, 1).reshape(heads, b * t, -1), kv_b[:, : c.qk_nope_head_dim])
+        q = torch.cat([q_latent.view(heads, b, t, -1).transpose(0, 1), p.q_rope], dim=-1)
+        # the cached rows serve as values too: their rope columns come out last and are dropped
+        out = F.scaled_dot_product_attention(q, keys, keys, scale=self.score_scale)[..., : c.kv_lora_rank]
+        # per head: out [B*T, kv_lora] @ W_v^T [kv_lora, v]
+        values = torch.bmm(out.transpose(0, 1).reshape(heads, b * t, -1), kv_b[:, c.qk_nope_head_dim:].transpose(1, 2))
+        return self.o_proj(values.view(heads, b, t, c.v_head_dim).permute(1, 2, 0, 3).reshape(b, t, heads * c.v_head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
         """Projection then attention, for callers that do not split them."""

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 
@@ -16,9 +15,12 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        if dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)  # one fused kernel, same result
-        h = x.to(torch.float32)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+        # (casts only where needed: even a cast to the same dtype costs a call, and this runs often while decoding)
+        h = x if x.dtype == torch.float32 else x.to(torch.float32)
+        inverse_rms = h.square().sum(-1, keepdim=True).div_(h.shape[-1]).add_(self.eps).rsqrt_()  # the mean, as mean computes it
+        normed = h * inverse_rms
+        if normed.dtype != x.dtype:
+            normed = normed.to(x.dtype)
+        if torch.is_grad_enabled() or self.weight.dtype != normed.dtype:
+            return self.weight * normed
+        return normed.mul_(self.weight)  # the same product without a new tensor

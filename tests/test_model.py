@@ -142,6 +142,26 @@ def test_save_and_reload_round_trip(checkpoint, tmp_path):
     torch.testing.assert_close(reread, model(ids), rtol=0, atol=1e-4)
 
 
+def test_state_dict_uses_checkpoint_names_for_weights_stored_together(checkpoint):
+    """q_a/kv_a and gate/up are held as one weight each, but the state dict shows and takes the checkpoint's tensors."""
+    from safetensors import safe_open
+
+    model = load_pretrained(checkpoint)
+    state = model.state_dict()
+    with safe_open(os.path.join(checkpoint, "model.safetensors"), "pt") as f:
+        for name in ("model.layers.0.self_attn.1.q_a_proj.weight", "model.layers.0.self_attn.1.kv_a_proj_with_mqa.weight",
+                     "model.layers.1.mlps.0.gate_proj.weight", "model.layers.1.mlps.0.up_proj.weight"):
+            assert torch.equal(state[name], f.get_tensor(name)), name
+    assert not [name for name in state if "qkv_a_proj" in name or "gate_up_proj" in name]
+    fresh = type(model)(model.config)
+    fresh.load_state_dict(state, strict=True)
+    ids = token_ids()
+    with torch.no_grad():
+        assert torch.equal(fresh(ids), model(ids))
+    state["model.layers.0.mlps.0.up_proj.weight"].fill_(0.5)  # the parts are views: writing them writes the model
+    assert bool((model.model.layers[0].mlps[0].gate_up_proj[model.config.ffn_hidden_size:] == 0.5).all())
+
+
 def test_zero_expert_slots_are_ignored_and_only_those(checkpoint, tmp_path):
     from safetensors import safe_open
 

@@ -47,7 +47,7 @@ def test_cli_user_errors(checkpoint, tokens, tmp_path):
                                                          lambda t: t.update({"model.norm.weight": torch.ones(64, dtype=torch.int64)})),
           "--tokens", tokens, "--out", out], {}, ["model.norm.weight", "dtype"]),
         (["forward", "--checkpoint", _wrong_config(checkpoint, tmp_path / "config"), "--tokens", tokens, "--out", out],
-         {}, ["kv_a_proj_with_mqa.weight", "shape"]),
+         {}, ["self_attn.0.kv_a_", "has shape", "config.json implies"]),  # the first tensor kv_lora_rank sizes
         (["generate", "--checkpoint", checkpoint, "--tokens", tokens, "--max-new-tokens", "0"], {}, ["--max-new-tokens"]),
         (["run", "--iterations", "0"], {}, ["--iterations"]),
         (["run", "--world-size", "4", "--iterations", "1"], TORCHRUN_ENV, ["--world-size 4", "torchrun", "2 ranks"]),
