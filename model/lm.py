@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeport.buffers import cannot_write_here
 from moeport.model.config import LongcatConfig
 from moeport.model.layer import ScMoELayer
 from moeport.model.mla import LatentCache, rope_cos_sin, rope_inverse_frequencies
@@ -57,6 +58,7 @@ class LongcatForCausalLM(nn.Module):
         self.model = LongcatModel(config, self.first_expert, per_rank)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
+        self._rotation_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [1, 1, positions, rope]
         self.schedule = runtime.profile.schedule if runtime is not None else "overlap"
         self.timeline: Timeline | None = None  # set to time every step of every layer
         workspace = Workspace()  # shared: it holds one layer's peak, not the sum over layers
@@ -77,6 +79,7 @@ class LongcatForCausalLM(nn.Module):
         for layer in self.model.layers:
             layer.mlp.router.to(torch.float32)
         self.rope_inv_freq = rope_inverse_frequencies(self.config).to(device)
+        self._rotation_table = None
         return self
 
     @property
@@ -99,12 +102,11 @@ class LongcatForCausalLM(nn.Module):
         transformers' argument of that name): a prefill that only needs the next
         token skips the rest of the vocabulary projection.
         """
-        input_ids = input_ids.to(self.device)
-        batch, length = input_ids.shape
+        if input_ids.device != self.device:
+            input_ids = input_ids.to(self.device)
         start = caches[0][0].length if caches else 0
-        positions = torch.arange(start, start + length, device=self.device).unsqueeze(0).expand(batch, length)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = rope_cos_sin(self.rope_inv_freq, positions, x.dtype)
+        cos, sin = self._rotation(start, input_ids.shape[1], x.dtype)
         for index, layer in enumerate(self.model.layers):
             state = LayerState(x=x, cos=cos, sin=sin, caches=None if caches is None else caches[index])
             if self.timeline is not None:
@@ -113,6 +115,18 @@ class LongcatForCausalLM(nn.Module):
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
+
+    def _rotation(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """rope_cos_sin for positions start .. start + length - 1 ([1, 1, length, rope]), sliced from a table
+        kept from call to call (a decoding step would otherwise spend a dozen operations on it)."""
+        end = start + length
+        table = self._rotation_table
+        if (table is None or table[0].shape[2] < end or table[0].dtype != dtype or table[0].device != self.device
+                or cannot_write_here(table[0])):
+            size = max(end, 2 * table[0].shape[2] if table is not None else 256)
+            positions = torch.arange(size, device=self.device).unsqueeze(0)
+            table = self._rotation_table = rope_cos_sin(self.rope_inv_freq, positions, dtype)
+        return table[0][:, :, start:end], table[1][:, :, start:end]
 
     def generate(
         self,

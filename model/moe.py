@@ -44,7 +44,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route x [T, hidden]."""
-        scores = F.linear(x.to(torch.float32), self.classifier.weight.to(torch.float32)).softmax(dim=-1)
+        scores = F.linear(_as_float32(x), _as_float32(self.classifier.weight)).softmax(dim=-1)
         with torch.no_grad():
             ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
         return Routing(ids, scores.gather(1, ids) * self.scale)
@@ -53,7 +53,12 @@ class Router(nn.Module):
 def zero_expert_output(x: torch.Tensor, routing: Routing, n_routed_experts: int) -> torch.Tensor:
     """What the zero (identity) experts add for each token: x times the summed weights of its zero slots."""
     zero_weight = torch.where(routing.ids >= n_routed_experts, routing.weights, 0.0).sum(-1, keepdim=True)
-    return (x * zero_weight).to(x.dtype)
+    out = x * zero_weight
+    return out if out.dtype == x.dtype else out.to(x.dtype)
+
+
+def _as_float32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float32 else t.to(torch.float32)  # a call saved where it is float32 already
 
 
 def ffn_slots(routing: Routing, n_routed_experts: int, first: int = 0, count: int | None = None) -> torch.Tensor:
@@ -104,23 +109,23 @@ class ExpertFFNs(nn.Module):
         n, k = local_ids.shape
         out = torch.zeros_like(x)
         flat = local_ids.reshape(-1)
-        slots = (flat >= 0).nonzero().squeeze(1)
-        if slots.numel() == 0:
-            return out
-        experts = flat[slots]
-        order = torch.argsort(experts, stable=True)
-        slots, experts = slots[order], experts[order]
-        rows = slots // k
-        slot_weights = weights.reshape(-1)[slots].to(x.dtype)
-        counts = torch.bincount(experts, minlength=self.count)
+        # one stable sort by expert, with the slots for no expert of this rank (-1) placed last
+        experts, slots = torch.sort(torch.where(flat >= 0, flat, self.count), stable=True)
+        counts = torch.bincount(experts, minlength=self.count + 1)[: self.count]
         sizes = counts.tolist()
+        total = sum(sizes)
+        if total == 0:
+            return out
+        slots, experts = slots[:total], experts[:total]
+        rows = slots // k
+        slot_weights = weights.reshape(-1)[slots]
+        if slot_weights.dtype != x.dtype:
+            slot_weights = slot_weights.to(x.dtype)
         capacity = self.capacity(sizes)
-        starts = list(itertools.accumulate(sizes, initial=0))
         if capacity:
             self._batched(x, out, rows, experts, slot_weights, counts, capacity)
-        beyond = [(e, starts[e] + capacity, size - capacity) for e, size in enumerate(sizes) if size > capacity]
-        if beyond:
-            self._per_expert(x, out, rows, slot_weights, beyond, every_slot=capacity == 0)
+        if any(size > capacity for size in sizes):
+            self._beyond_capacity(x, out, rows, slot_weights, sizes, counts, capacity)
         return out
 
     def capacity(self, sizes: list[int]) -> int:
@@ -180,18 +185,19 @@ class ExpertFFNs(nn.Module):
             self._swiglu_into(padded, self.gate_up, self.down, weight, result)
         out.index_add_(0, source, result.view(-1, hidden))
 
-    def _per_expert(self, x, out, rows, slot_weights, segments: list[tuple[int, int, int]], every_slot: bool) -> None:
-        """The slots `start .. start + size - 1` (in expert order) of each (expert, start, size), one matmul pair
-        per expert: one grouped matmul over all of them where the device and dtype have it, else a loop."""
-        if not every_slot:
+    def _beyond_capacity(self, x, out, rows, slot_weights, sizes: list[int], counts: torch.Tensor, capacity: int) -> None:
+        """Each expert's slots after its first `capacity` (every slot when `capacity` is 0), one matmul pair
+        per expert that has them: one grouped matmul over all experts where the device and dtype have it,
+        else a loop."""
+        starts = list(itertools.accumulate(sizes, initial=0))
+        segments = [(e, starts[e] + capacity, size - capacity) for e, size in enumerate(sizes) if size > capacity]
+        if capacity:
             index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
             rows, slot_weights = rows[index], slot_weights[index]
         gathered = self._gather(x, rows)
         if self._grouped():
-            sizes = [0] * self.count
-            for expert, _, size in segments:
-                sizes[expert] = size
-            ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int32, device=x.device)
+            beyond = counts if capacity == 0 else (counts - capacity).clamp_(min=0)
+            ends = torch.cumsum(beyond, 0, dtype=torch.int32)  # on the device: no copy from the host
             activated = self._weighted_activation_(F.grouped_mm(gathered, self.gate_up, offs=ends), slot_weights[:, None])
             out.index_add_(0, rows, F.grouped_mm(activated, self.down, offs=ends))
             return

@@ -17,7 +17,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # (casts only where needed: even a cast to the same dtype costs a call, and this runs often while decoding)
         h = x if x.dtype == torch.float32 else x.to(torch.float32)
-        inverse_rms = h.square().sum(-1, keepdim=True).div_(h.shape[-1]).add_(self.eps).rsqrt_()  # the mean, as mean computes it
+        inverse_rms = torch.linalg.vecdot(h, h).unsqueeze(-1).div_(h.shape[-1]).add_(self.eps).rsqrt_()  # 1 / rms
         normed = h * inverse_rms
         if normed.dtype != x.dtype:
             normed = normed.to(x.dtype)

@@ -7,5 +7,5 @@ import torch
 
 def cannot_write_here(buffer: torch.Tensor) -> bool:
     """Whether `buffer` was made in torch's inference mode and we are outside it now, where writing
-    it is an error: a kept buffer in that state is replaced, not reused."""
+    it (or saving it for backward) is an error: a kept buffer in that state is replaced, not reused."""
     return buffer.is_inference() and not torch.is_inference_mode_enabled()

@@ -94,7 +94,7 @@ def test_logits_to_keep_gives_the_last_positions(checkpoint):
 
 
 def test_generate_and_forward_take_turns(checkpoint):
-    """generate runs in inference mode; buffers it made are replaced, not written, by a later no_grad forward."""
+    """generate runs in inference mode; buffers it made are replaced, not written, by a later forward."""
     model = load_pretrained(checkpoint)
     ids = token_ids(length=6)
     first = model.generate(ids, max_new_tokens=3)
@@ -105,6 +105,8 @@ def test_generate_and_forward_take_turns(checkpoint):
     with torch.no_grad():
         assert torch.equal(model(ids), logits)
     assert torch.equal(again[:, 1:], first[:, 1:]) and not again.is_inference()
+    model(ids).sum().backward()  # with autograd too: nothing made in inference mode is saved for backward
+    assert model.model.layers[0].self_attn[0].qkv_a_proj.grad is not None
 
 
 def test_sampling_is_seeded_and_respects_top_k(checkpoint):
