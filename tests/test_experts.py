@@ -104,8 +104,8 @@ def test_no_valid_slot_gives_zeros():
 
 
 def test_capacity_balances_padding_against_extra_matmuls():
+    assert _experts(count=8).capacity([0] * 7 + [1]) == 0  # one slot: padding every expert costs more
     experts = _experts(count=4)
-    assert experts.capacity([0, 0, 0, 1]) == 0  # one slot: padding every expert costs more
     assert experts.capacity([50, 50, 50, 50]) == 50  # even counts: batch all of them
     assert experts.capacity([50, 50, 50, 51]) == 51  # one slot over: padding three rows is cheaper than a matmul
     assert experts.capacity([50, 50, 50, 150]) == 50  # one expert far over: run its rest alone rather than pad everyone
