@@ -123,7 +123,8 @@ class LongcatForCausalLM(nn.Module):
         table = self._rotation_table
         if (table is None or table[0].shape[2] < end or table[0].dtype != dtype or table[0].device != self.device
                 or cannot_write_here(table[0])):
-            size = max(end, 2 * table[0].shape[2] if table is not None else 256)
+            kept = table[0].shape[2] if table is not None else 0
+            size = max(256, end, 2 * kept if end > kept else kept)  # grows by doubling
             positions = torch.arange(size, device=self.device).unsqueeze(0)
             table = self._rotation_table = rope_cos_sin(self.rope_inv_freq, positions, dtype)
         return table[0][:, :, start:end], table[1][:, :, start:end]

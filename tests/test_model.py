@@ -83,6 +83,16 @@ def test_kv_cache_decoding_equals_recomputing(checkpoint):
     torch.testing.assert_close(torch.cat(chunks, dim=1), full, rtol=0, atol=1e-5)
 
 
+def test_rotation_table_grows_and_matches_computing_it_directly(checkpoint):
+    from moeport.model.mla import rope_cos_sin
+
+    model = load_pretrained(checkpoint)
+    for start, length in [(0, 5), (250, 20), (600, 1), (3, 2)]:  # the table starts at 256 positions, then doubles
+        got = model._rotation(start, length, torch.float32)
+        want = rope_cos_sin(model.rope_inv_freq, torch.arange(start, start + length)[None], torch.float32)
+        assert all(torch.equal(g, w) for g, w in zip(got, want)), (start, length)
+
+
 def test_logits_to_keep_gives_the_last_positions(checkpoint):
     model = load_pretrained(checkpoint)
     ids = token_ids(length=7)
