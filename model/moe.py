@@ -21,6 +21,7 @@ from torch import nn
 
 from moeport.collectives.base import CompletedHandle, Handle
 from moeport.model.config import LongcatConfig
+from moeport.model.dtypes import in_dtype
 from moeport.model.workspace import Workspace
 
 
@@ -44,7 +45,7 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Routing:
         """Route x [T, hidden]."""
-        scores = F.linear(_as_float32(x), _as_float32(self.classifier.weight)).softmax(dim=-1)
+        scores = F.linear(in_dtype(x, torch.float32), in_dtype(self.classifier.weight, torch.float32)).softmax(dim=-1)
         with torch.no_grad():
             ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
         return Routing(ids, scores.gather(1, ids) * self.scale)
@@ -53,12 +54,7 @@ class Router(nn.Module):
 def zero_expert_output(x: torch.Tensor, routing: Routing, n_routed_experts: int) -> torch.Tensor:
     """What the zero (identity) experts add for each token: x times the summed weights of its zero slots."""
     zero_weight = torch.where(routing.ids >= n_routed_experts, routing.weights, 0.0).sum(-1, keepdim=True)
-    out = x * zero_weight
-    return out if out.dtype == x.dtype else out.to(x.dtype)
-
-
-def _as_float32(t: torch.Tensor) -> torch.Tensor:
-    return t if t.dtype == torch.float32 else t.to(torch.float32)  # a call saved where it is float32 already
+    return in_dtype(x * zero_weight, x.dtype)
 
 
 def ffn_slots(routing: Routing, n_routed_experts: int, first: int = 0, count: int | None = None) -> torch.Tensor:
@@ -124,9 +120,7 @@ class ExpertFFNs(nn.Module):
             return out
         slots, experts = slots[:total], experts[:total]
         rows = slots // k
-        slot_weights = weights.reshape(-1)[slots]
-        if slot_weights.dtype != x.dtype:
-            slot_weights = slot_weights.to(x.dtype)
+        slot_weights = in_dtype(weights.reshape(-1)[slots], x.dtype)
         capacity = self.capacity(sizes)
         if capacity:
             self._batched(x, out, rows, experts, slot_weights, counts, capacity)
