@@ -74,21 +74,21 @@ class ExpertFFNs(nn.Module):
     [I, H] / [H, I] matrices, transposed once at load time).
     """
 
-    #: Costs that steer the capacity choice, in slot rows of batched arithmetic: one
-    #: extra per-expert matmul pair run from Python (call overhead, small-matrix
-    #: inefficiency), one more group in a grouped matmul, reading one expert's weights
-    #: for its slots outside the batch, reading them in the batched matmuls (which
-    #: stream every expert's), and each group a grouped matmul visits, empty or not
-    #: (torch's CPU grouped matmul walks them all). A slot row outside the batch costs
-    #: as many batched rows as there are intra-op threads: a batched matmul spreads its
-    #: experts over them, a small per-expert one gains little from them. Fitted to
-    #: measured times over capacities for several routings (uniform and skewed, 8 to
-    #: 512 tokens, 64 experts) on a 2-core CPU.
-    ROWS_PER_EXTRA_MATMUL = 24
-    ROWS_PER_EXTRA_GROUP = 4
-    ROWS_PER_WEIGHT_READ = 20
+    #: Costs that steer the capacity choice, in slot rows of batched arithmetic: reading one
+    #: expert's weights in the batched matmuls (which stream every expert's, with slots or
+    #: not); reading them for its slots outside the batch; one extra per-expert matmul pair
+    #: run from Python; one more group in a grouped matmul; and each group a grouped matmul
+    #: visits, empty or not (torch's CPU grouped matmul walks them all). A slot row outside
+    #: the batch costs as many batched rows as there are intra-op threads: a batched matmul
+    #: spreads its experts over them, a small per-expert one gains little from them. Fitted
+    #: to measured times over capacities and both ways of running the slots beyond it, for
+    #: routings of 1 to 512 tokens (uniform and skewed, 64 experts, weights not in cache)
+    #: on a 2-core CPU: the choice is within 17% of the fastest in each of 20 cases.
     ROWS_PER_BATCHED_WEIGHT_READ = 10
-    ROWS_PER_GROUP_VISITED = 2
+    ROWS_PER_WEIGHT_READ = 10
+    ROWS_PER_EXTRA_MATMUL = 8
+    ROWS_PER_EXTRA_GROUP = 3
+    ROWS_PER_GROUP_VISITED = 4
 
     def __init__(self, config: LongcatConfig, first: int, count: int) -> None:
         super().__init__()
@@ -125,30 +125,39 @@ class ExpertFFNs(nn.Module):
         if capacity:
             self._batched(x, out, rows, experts, slot_weights, counts, capacity)
         if any(size > capacity for size in sizes):
-            self._beyond_capacity(x, out, rows, slot_weights, sizes, counts, capacity)
+            self._beyond_capacity(x, out, rows, slot_weights, sizes, counts, capacity, self.grouped_beyond(sizes, capacity))
         return out
 
     def capacity(self, sizes: list[int]) -> int:
-        """Slots per expert to run batched (0: none): padding every expert to it, plus a matmul
-        pair for each expert with slots beyond it, cheapest together."""
-        grouped = self._grouped()
-        extra = (self.ROWS_PER_EXTRA_GROUP if grouped else self.ROWS_PER_EXTRA_MATMUL) + self.ROWS_PER_WEIGHT_READ
-        call = self.ROWS_PER_GROUP_VISITED * self.count if grouped else 0
-        row = max(1, torch.get_num_threads())
-
-        def cost_beyond(capacity: int) -> int:
-            beyond = [s - capacity for s in sizes if s > capacity]
-            return call + row * sum(beyond) + extra * len(beyond) if beyond else 0
-
-        best, best_cost = 0, cost_beyond(0)
+        """Slots per expert to run batched (0: none): padding every expert to it, plus the slots
+        beyond it run per expert, cheapest together."""
+        best, best_cost = 0, self._cost_beyond(sizes, 0)
         for capacity in sorted(set(sizes) - {0}):
-            cost = self.count * (capacity + self.ROWS_PER_BATCHED_WEIGHT_READ) + cost_beyond(capacity)
+            cost = self.count * (capacity + self.ROWS_PER_BATCHED_WEIGHT_READ) + self._cost_beyond(sizes, capacity)
             if cost < best_cost:
                 best, best_cost = capacity, cost
         return best
 
-    def _grouped(self) -> bool:
-        """Whether the slots outside the batch run as one grouped matmul (else a loop over experts)."""
+    def _cost_beyond(self, sizes: list[int], capacity: int, grouped: bool | None = None) -> int:
+        """Cost of the slots beyond `capacity`, as one grouped matmul (`grouped`), as a loop over
+        experts (not `grouped`), or the cheaper of the two where grouped matmuls run (None)."""
+        beyond = [size - capacity for size in sizes if size > capacity]
+        if not beyond:
+            return 0
+        if grouped is None:
+            options = (False, True) if self._grouped_mm_here() else (False,)
+            return min(self._cost_beyond(sizes, capacity, option) for option in options)
+        cost = max(1, torch.get_num_threads()) * sum(beyond) + self.ROWS_PER_WEIGHT_READ * len(beyond)
+        if grouped:
+            return cost + self.ROWS_PER_EXTRA_GROUP * len(beyond) + self.ROWS_PER_GROUP_VISITED * self.count
+        return cost + self.ROWS_PER_EXTRA_MATMUL * len(beyond)
+
+    def grouped_beyond(self, sizes: list[int], capacity: int) -> bool:
+        """Whether the slots beyond `capacity` run as one grouped matmul (else one matmul pair per expert)."""
+        return self._grouped_mm_here() and self._cost_beyond(sizes, capacity, True) < self._cost_beyond(sizes, capacity, False)
+
+    def _grouped_mm_here(self) -> bool:
+        """Whether a grouped matmul can run the experts now: not under autograd, and only where it works."""
         return not torch.is_grad_enabled() and grouped_mm_works(self.gate_up.device, self.gate_up.dtype)
 
     def _swiglu(self, rows: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -191,35 +200,38 @@ class ExpertFFNs(nn.Module):
             self._swiglu_into(padded, self.gate_up, self.down, weight, result)
         out.index_add_(0, source, result.view(-1, hidden))
 
-    def _beyond_capacity(self, x, out, rows, slot_weights, sizes: list[int], counts: torch.Tensor, capacity: int) -> None:
-        """Each expert's slots after its first `capacity` (every slot when `capacity` is 0), one matmul pair
-        per expert that has them: one grouped matmul over all experts where the device and dtype have it,
-        else a loop."""
+    def _beyond_capacity(self, x, out, rows, slot_weights, sizes: list[int], counts: torch.Tensor, capacity: int,
+                         grouped: bool) -> None:
+        """Each expert's slots after its first `capacity` (every slot when `capacity` is 0): one grouped
+        matmul over all experts (`grouped`), or a matmul pair per expert that has them."""
         starts = list(itertools.accumulate(sizes, initial=0))
         segments = [(e, starts[e] + capacity, size - capacity) for e, size in enumerate(sizes) if size > capacity]
         if capacity:
             index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
             rows, slot_weights = rows[index], slot_weights[index]
         gathered = self._gather(x, rows)
-        if self._grouped():
+        if grouped:
             beyond = counts if capacity == 0 else (counts - capacity).clamp_(min=0)
             ends = torch.cumsum(beyond, 0, dtype=torch.int32)  # on the device: no copy from the host
             activated = self._weighted_activation_(F.grouped_mm(gathered, self.gate_up, offs=ends), slot_weights[:, None])
             out.index_add_(0, rows, F.grouped_mm(activated, self.down, offs=ends))
             return
-        parts, offset = [], 0
-        for expert, _, size in segments:
-            parts.append((expert, slice(offset, offset + size)))
-            offset += size
+        experts = [expert for expert, _, _ in segments]
+        part_sizes = [size for _, _, size in segments]
         if torch.is_grad_enabled():
             results = torch.cat([
-                self._swiglu(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None])
-                for expert, part in parts
+                self._swiglu(part, self.gate_up[expert], self.down[expert], weight)
+                for expert, part, weight in zip(experts, gathered.split(part_sizes), slot_weights[:, None].split(part_sizes))
             ])
         else:
+            # each expert's matmuls write their rows of one buffer; the activation runs once over all of them
+            hidden = self.workspace.take("expert_gate_up", (gathered.shape[0], self.gate_up.shape[-1]), x)
+            for expert, part, into in zip(experts, gathered.split(part_sizes), hidden.split(part_sizes)):
+                torch.mm(part, self.gate_up[expert], out=into)
+            activated = self._weighted_activation_(hidden, slot_weights[:, None])
             results = self.workspace.take("expert_out", tuple(gathered.shape), x)
-            for expert, part in parts:
-                self._swiglu_into(gathered[part], self.gate_up[expert], self.down[expert], slot_weights[part, None], results[part])
+            for expert, part, into in zip(experts, activated.split(part_sizes), results.split(part_sizes)):
+                torch.mm(part, self.down[expert], out=into)
         out.index_add_(0, rows, results)
 
 

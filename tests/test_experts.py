@@ -50,8 +50,8 @@ def _routing(rows: int, k: int, count: int, skew: bool, seed: int):
 def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped, monkeypatch):
     if grouped and not moe.grouped_mm_works(torch.device("cpu"), torch.float32):
         pytest.skip("this torch has no grouped matmul for float32 on the CPU")
-    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), grouped)
     experts = _experts()
+    monkeypatch.setattr(experts, "grouped_beyond", lambda sizes, capacity: grouped)
     if capacity is not None:  # force the path: all per expert (0), batched with overflow, all batched
         experts.capacity = lambda sizes: min(capacity, max(sizes))
     x = torch.randn(24, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(1))
@@ -109,3 +109,18 @@ def test_capacity_balances_padding_against_extra_matmuls():
     assert experts.capacity([50, 50, 50, 50]) == 50  # even counts: batch all of them
     assert experts.capacity([50, 50, 50, 51]) == 51  # one slot over: padding three rows is cheaper than a matmul
     assert experts.capacity([50, 50, 50, 150]) == 50  # one expert far over: run its rest alone rather than pad everyone
+
+
+def test_few_slots_over_many_experts_run_as_a_loop_many_as_one_grouped_matmul(monkeypatch):
+    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), True)
+    experts = _experts(count=64)
+    decoding = [1] * 10 + [0] * 54  # a grouped matmul would visit 54 empty groups for 10 slots
+    with torch.no_grad():
+        assert not experts.grouped_beyond(decoding, 0)
+        assert experts.grouped_beyond([3] * 64, 0)
+        assert experts.grouped_beyond([5] * 64, 2)
+        assert not experts.grouped_beyond([5] * 64, 5)  # nothing beyond the capacity
+    assert not experts.grouped_beyond([3] * 64, 0)  # no autograd through grouped matmuls
+    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), False)
+    with torch.no_grad():
+        assert not experts.grouped_beyond([3] * 64, 0)  # none where it does not work
