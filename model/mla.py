@@ -66,16 +66,17 @@ class LatentCache:
         width = config.kv_lora_rank + config.qk_rope_head_dim
         return cls(torch.empty(batch, capacity, width, dtype=dtype, device=device), config.kv_lora_rank)
 
-    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store new positions; returns the whole cached latent and rope key so far."""
+    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
+        """Store new positions: latent [B, T, kv_lora_rank] and rotated rope key [B, T, rope]."""
         end = self.length + latent.shape[1]
         if end > self.keys.shape[1]:
             raise ValueError(f"KV cache holds {self.keys.shape[1]} positions; {end} needed")
-        self.keys[:, self.length:end, : self.kv_lora_rank] = latent
-        self.keys[:, self.length:end, self.kv_lora_rank:] = k_rope
+        self.keys[:, self.length:end] = torch.cat([latent, k_rope], dim=-1)
         self.length = end
-        cached = self.keys[:, :end]
-        return cached[..., : self.kv_lora_rank], cached[..., self.kv_lora_rank:]
+
+    def cached(self) -> torch.Tensor:
+        """Every position stored so far: [B, length, kv_lora_rank + rope]."""
+        return self.keys[:, : self.length]
 
 
 @dataclasses.dataclass
@@ -102,11 +103,11 @@ class MLA(nn.Module):
         save_as_parts(self, "qkv_a_proj", [("q_a_proj.weight", c.q_lora_rank), ("kv_a_proj_with_mqa.weight", kv_a_rows)])
         self.q_a_layernorm = RMSNorm(c.q_lora_rank)
         self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_attention_heads * c.qk_head_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank)
+        self.kv_scale = math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale_kv_lora else 1.0
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, scale=self.kv_scale)  # the scale is applied by the norm
         self.kv_b_proj = nn.Linear(c.kv_lora_rank, c.num_attention_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False)
         self.o_proj = nn.Linear(c.num_attention_heads * c.v_head_dim, c.hidden_size, bias=False)
         self.q_scale = math.sqrt(c.hidden_size / c.q_lora_rank) if c.mla_scale_q_lora else 1.0
-        self.kv_scale = math.sqrt(c.hidden_size / c.kv_lora_rank) if c.mla_scale_kv_lora else 1.0
         # q's variance-alignment scale applies to the scores (q enters them linearly): one multiply fewer
         self.score_scale = c.qk_head_dim ** -0.5 * self.q_scale
 
@@ -117,7 +118,7 @@ class MLA(nn.Module):
         q_a, latent, k_rope = torch.split(F.linear(x, self.qkv_a_proj), [c.q_lora_rank, c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         q = self.q_b_proj(self.q_a_layernorm(q_a)).view(b, t, self.heads, c.qk_head_dim).transpose(1, 2)
         q_nope, q_rope = torch.split(q, [c.qk_nope_head_dim, c.qk_rope_head_dim], dim=-1)
-        latent = self.kv_a_layernorm(latent) * self.kv_scale
+        latent = self.kv_a_layernorm(latent)  # scaled by kv_scale
         # the rope key rides along as one more head: one rotation for q and k
         rotated = apply_interleaved_rope(torch.cat([q_rope, k_rope.unsqueeze(1)], dim=1), cos, sin)
         return Projected(q_nope, rotated[:, : self.heads], latent, rotated[:, self.heads])
@@ -128,7 +129,11 @@ class MLA(nn.Module):
         t = p.q_nope.shape[2]
         if cache is not None and t == 1:
             return self._attend_latent(p, cache)
-        latent, k_rope = (p.latent, p.k_rope) if cache is None else cache.append(p.latent, p.k_rope)
+        if cache is None:
+            latent, k_rope = p.latent, p.k_rope
+        else:
+            cache.append(p.latent, p.k_rope)
+            latent, k_rope = torch.split(cache.cached(), [c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
         b, s, _ = latent.shape
         q = torch.cat([p.q_nope, p.q_rope], dim=-1)
         kv = self.kv_b_proj(latent).view(b, s, self.heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
@@ -157,20 +162,24 @@ class MLA(nn.Module):
     def _attend_latent(self, p: Projected, cache: LatentCache) -> torch.Tensor:
         """`attend` for one new position: attention in the latent space, with kv_b_proj folded
         into the query (its key half) and into the output (its value half), so the cached
-        positions are never expanded to heads. Same result up to rounding."""
+        positions are never expanded to heads. Same result up to rounding.
+
+        Every head attends to the same cached rows, so the heads are laid out as the query
+        positions of one shared key/value head.
+        """
         c = self.config
         cache.append(p.latent, p.k_rope)
-        b, heads, t, _ = p.q_nope.shape
-        keys = cache.keys[:, None, : cache.length].expand(b, heads, cache.length, cache.keys.shape[-1])
+        keys = cache.cached().unsqueeze(1)  # [B, 1, S, kv_lora + rope]: one head
+        b, heads, _, _ = p.q_nope.shape
         kv_b = self.kv_b_proj.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
-        # per head: q_nope [B*T, nope] @ W_k [nope, kv_lora], as one batched matmul over heads
-        q_latent = torch.bmm(p.q_nope.transpose(0, 1).reshape(heads, b * t, -1), kv_b[:, : c.qk_nope_head_dim])
-        q = torch.cat([q_latent.view(heads, b, t, -1).transpose(0, 1), p.q_rope], dim=-1)
+        # per head: q_nope [B, nope] @ W_k [nope, kv_lora], as one batched matmul over heads
+        q_latent = torch.bmm(p.q_nope.view(b, heads, -1).transpose(0, 1), kv_b[:, : c.qk_nope_head_dim])
+        q = torch.cat([q_latent.transpose(0, 1), p.q_rope.view(b, heads, -1)], dim=-1).unsqueeze(1)  # [B, 1, H, D]
         # the cached rows serve as values too: their rope columns come out last and are dropped
-        out = F.scaled_dot_product_attention(q, keys, keys, scale=self.score_scale)[..., : c.kv_lora_rank]
-        # per head: out [B*T, kv_lora] @ W_v^T [kv_lora, v]
-        values = torch.bmm(out.transpose(0, 1).reshape(heads, b * t, -1), kv_b[:, c.qk_nope_head_dim:].transpose(1, 2))
-        return self.o_proj(values.view(heads, b, t, c.v_head_dim).permute(1, 2, 0, 3).reshape(b, t, heads * c.v_head_dim))
+        out = F.scaled_dot_product_attention(q, keys, keys, scale=self.score_scale)[:, 0, :, : c.kv_lora_rank]
+        # per head: out [B, kv_lora] @ W_v^T [kv_lora, v]
+        values = torch.bmm(out.transpose(0, 1), kv_b[:, c.qk_nope_head_dim:].transpose(1, 2))  # [H, B, v]
+        return self.o_proj(values.transpose(0, 1).reshape(b, 1, heads * c.v_head_dim))
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
         """Projection then attention, for callers that do not split them."""
