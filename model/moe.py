@@ -97,6 +97,7 @@ class ExpertFFNs(nn.Module):
         self.gate_up = nn.Parameter(torch.empty(count, h, 2 * i))
         self.down = nn.Parameter(torch.empty(count, i, h))
         self.workspace = Workspace()  # the model shares one between its layers
+        self._weight_views: tuple | None = None  # see _per_expert_weights
 
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """For each row of x [N, H]: sum over its valid slots (local id >= 0) of weight * expert(row).
@@ -120,7 +121,7 @@ class ExpertFFNs(nn.Module):
             return out
         slots, experts = slots[:total], experts[:total]
         rows = slots // k
-        slot_weights = in_dtype(weights.reshape(-1)[slots], x.dtype)
+        slot_weights = in_dtype(torch.take(weights, slots), x.dtype)
         capacity = self.capacity(sizes)
         if capacity:
             self._batched(x, out, rows, experts, slot_weights, counts, capacity)
@@ -133,7 +134,10 @@ class ExpertFFNs(nn.Module):
         beyond it run per expert, cheapest together."""
         best, best_cost = 0, self._cost_beyond(sizes, 0)
         for capacity in sorted(set(sizes) - {0}):
-            cost = self.count * (capacity + self.ROWS_PER_BATCHED_WEIGHT_READ) + self._cost_beyond(sizes, capacity)
+            batched = self.count * (capacity + self.ROWS_PER_BATCHED_WEIGHT_READ)
+            if batched >= best_cost:  # the batched part alone grows with the capacity: nothing larger wins
+                break
+            cost = batched + self._cost_beyond(sizes, capacity)
             if cost < best_cost:
                 best, best_cost = capacity, cost
         return best
@@ -175,6 +179,14 @@ class ExpertFFNs(nn.Module):
         shape = (*rows.shape[:-1], gate_up.shape[-1])
         hidden = torch.matmul(rows, gate_up, out=self.workspace.take("expert_gate_up", shape, rows))
         torch.matmul(self._weighted_activation_(hidden, weight), down, out=result)
+
+    def _per_expert_weights(self) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
+        """Each expert's gate_up and down matrices, as views without autograd. Kept from call to call
+        while the weights stay where they are (taking them out one by one costs a call each time)."""
+        key = (self.gate_up.data_ptr(), self.down.data_ptr(), torch.is_inference_mode_enabled())
+        if self._weight_views is None or self._weight_views[0] != key:
+            self._weight_views = (key, self.gate_up.detach().unbind(0), self.down.detach().unbind(0))
+        return self._weight_views[1], self._weight_views[2]
 
     def _gather(self, x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """The rows `index` of x (into the workspace without autograd)."""
@@ -225,13 +237,14 @@ class ExpertFFNs(nn.Module):
             ])
         else:
             # each expert's matmuls write their rows of one buffer; the activation runs once over all of them
+            gate_up, down = self._per_expert_weights()
             hidden = self.workspace.take("expert_gate_up", (gathered.shape[0], self.gate_up.shape[-1]), x)
             for expert, part, into in zip(experts, gathered.split(part_sizes), hidden.split(part_sizes)):
-                torch.mm(part, self.gate_up[expert], out=into)
+                torch.mm(part, gate_up[expert], out=into)
             activated = self._weighted_activation_(hidden, slot_weights[:, None])
             results = self.workspace.take("expert_out", tuple(gathered.shape), x)
             for expert, part, into in zip(experts, activated.split(part_sizes), results.split(part_sizes)):
-                torch.mm(part, self.down[expert], out=into)
+                torch.mm(part, down[expert], out=into)
         out.index_add_(0, rows, results)
 
 
