@@ -13,7 +13,6 @@ expert-parallel group has one rank, dispatch/combine over it otherwise).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 
 import torch
 import torch.nn.functional as F
@@ -111,9 +110,9 @@ class ExpertFFNs(nn.Module):
         """
         n, k = local_ids.shape
         out = torch.zeros_like(x)
-        flat = local_ids.reshape(-1)
-        # one stable sort by expert, with the slots for no expert of this rank (-1) placed last
-        experts, slots = torch.sort(torch.where(flat >= 0, flat, self.count), stable=True)
+        # one stable sort by expert, with the slots for no expert of this rank (-1, which the
+        # remainder makes `count`) placed last
+        experts, slots = torch.sort(local_ids.reshape(-1).remainder(self.count + 1), stable=True)
         counts = torch.bincount(experts, minlength=self.count + 1)[: self.count]
         sizes = counts.tolist()
         total = sum(sizes)
@@ -122,43 +121,53 @@ class ExpertFFNs(nn.Module):
         slots, experts = slots[:total], experts[:total]
         rows = slots // k
         slot_weights = in_dtype(torch.take(weights, slots), x.dtype)
-        capacity = self.capacity(sizes)
+        active = [size for size in sizes if size]  # the choices below depend on these alone
+        capacity = self.capacity(active)
         if capacity:
             self._batched(x, out, rows, experts, slot_weights, counts, capacity)
-        if any(size > capacity for size in sizes):
-            self._beyond_capacity(x, out, rows, slot_weights, sizes, counts, capacity, self.grouped_beyond(sizes, capacity))
+        if capacity < max(active):
+            self._beyond_capacity(x, out, rows, slot_weights, sizes, counts, capacity, self.grouped_beyond(active, capacity))
         return out
 
     def capacity(self, sizes: list[int]) -> int:
         """Slots per expert to run batched (0: none): padding every expert to it, plus the slots
         beyond it run per expert, cheapest together."""
-        best, best_cost = 0, self._cost_beyond(sizes, 0)
-        for capacity in sorted(set(sizes) - {0}):
+        nonzero = sorted(size for size in sizes if size)
+        grouped_here = self._grouped_mm_here()
+        best, best_cost = 0, self._cost_beyond(nonzero, 0, grouped_here)
+        for capacity in sorted(set(nonzero)):
             batched = self.count * (capacity + self.ROWS_PER_BATCHED_WEIGHT_READ)
             if batched >= best_cost:  # the batched part alone grows with the capacity: nothing larger wins
                 break
-            cost = batched + self._cost_beyond(sizes, capacity)
+            cost = batched + self._cost_beyond(nonzero, capacity, grouped_here)
             if cost < best_cost:
                 best, best_cost = capacity, cost
         return best
 
-    def _cost_beyond(self, sizes: list[int], capacity: int, grouped: bool | None = None) -> int:
-        """Cost of the slots beyond `capacity`, as one grouped matmul (`grouped`), as a loop over
-        experts (not `grouped`), or the cheaper of the two where grouped matmuls run (None)."""
-        beyond = [size - capacity for size in sizes if size > capacity]
-        if not beyond:
-            return 0
-        if grouped is None:
-            options = (False, True) if self._grouped_mm_here() else (False,)
-            return min(self._cost_beyond(sizes, capacity, option) for option in options)
-        cost = max(1, torch.get_num_threads()) * sum(beyond) + self.ROWS_PER_WEIGHT_READ * len(beyond)
-        if grouped:
-            return cost + self.ROWS_PER_EXTRA_GROUP * len(beyond) + self.ROWS_PER_GROUP_VISITED * self.count
-        return cost + self.ROWS_PER_EXTRA_MATMUL * len(beyond)
-
     def grouped_beyond(self, sizes: list[int], capacity: int) -> bool:
         """Whether the slots beyond `capacity` run as one grouped matmul (else one matmul pair per expert)."""
-        return self._grouped_mm_here() and self._cost_beyond(sizes, capacity, True) < self._cost_beyond(sizes, capacity, False)
+        if not self._grouped_mm_here():
+            return False
+        loop, grouped = self._costs_beyond(sizes, capacity)
+        return grouped < loop
+
+    def _cost_beyond(self, sizes: list[int], capacity: int, grouped_here: bool) -> int:
+        """Cost of the slots beyond `capacity`: the cheaper way where grouped matmuls can run, else the loop."""
+        loop, grouped = self._costs_beyond(sizes, capacity)
+        return min(loop, grouped) if grouped_here else loop
+
+    def _costs_beyond(self, sizes: list[int], capacity: int) -> tuple[int, int]:
+        """Cost of the slots beyond `capacity` as a loop of per-expert matmuls, and as one grouped matmul."""
+        experts = rows = 0
+        for size in sizes:
+            if size > capacity:
+                experts += 1
+                rows += size - capacity
+        if not experts:
+            return 0, 0
+        cost = max(1, torch.get_num_threads()) * rows + self.ROWS_PER_WEIGHT_READ * experts
+        return (cost + self.ROWS_PER_EXTRA_MATMUL * experts,
+                cost + self.ROWS_PER_EXTRA_GROUP * experts + self.ROWS_PER_GROUP_VISITED * self.count)
 
     def _grouped_mm_here(self) -> bool:
         """Whether a grouped matmul can run the experts now: not under autograd, and only where it works."""
@@ -216,8 +225,11 @@ class ExpertFFNs(nn.Module):
                          grouped: bool) -> None:
         """Each expert's slots after its first `capacity` (every slot when `capacity` is 0): one grouped
         matmul over all experts (`grouped`), or a matmul pair per expert that has them."""
-        starts = list(itertools.accumulate(sizes, initial=0))
-        segments = [(e, starts[e] + capacity, size - capacity) for e, size in enumerate(sizes) if size > capacity]
+        segments, start = [], 0  # (expert, first slot beyond the capacity, slots beyond it)
+        for expert, size in enumerate(sizes):
+            if size > capacity:
+                segments.append((expert, start + capacity, size - capacity))
+            start += size
         if capacity:
             index = torch.cat([torch.arange(start, start + size, device=x.device) for _, start, size in segments])
             rows, slot_weights = rows[index], slot_weights[index]
