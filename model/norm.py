@@ -20,13 +20,23 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(size))
         self.eps = eps
         self.scale = scale
+        self._shifts: dict[torch.device, torch.Tensor] = {}  # see _shift
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = in_dtype(x, torch.float32)
-        # scale / sqrt(mean(h^2) + eps) = 1 / sqrt(sum(h^2) / (n scale^2) + eps / scale^2)
-        square = self.scale * self.scale
-        inverse_rms = torch.linalg.vecdot(h, h).unsqueeze(-1).div_(h.shape[-1] * square).add_(self.eps / square).rsqrt_()
+        # scale / sqrt(mean(h^2) + eps) = 1 / sqrt(|h|^2 / (n scale^2) + eps / scale^2): three kernels
+        norm = torch.linalg.vector_norm(h, dim=-1, keepdim=True)
+        inverse_rms = torch.addcmul(self._shift(h.device), norm, norm, value=1.0 / (h.shape[-1] * self.scale**2)).rsqrt_()
         normed = in_dtype(h * inverse_rms, x.dtype)
         if torch.is_grad_enabled() or self.weight.dtype != normed.dtype:
             return self.weight * normed
         return normed.mul_(self.weight)  # the same product without a new tensor
+
+    def _shift(self, device: torch.device) -> torch.Tensor:
+        """eps / scale^2 as a float32 scalar tensor on `device` (made once per device, outside inference
+        mode so that autograd may use it too)."""
+        shift = self._shifts.get(device)
+        if shift is None:
+            with torch.inference_mode(False):
+                shift = self._shifts[device] = torch.tensor(self.eps / self.scale**2, dtype=torch.float32, device=device)
+        return shift
