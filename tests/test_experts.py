@@ -124,3 +124,19 @@ def test_few_slots_over_many_experts_run_as_a_loop_many_as_one_grouped_matmul(mo
     monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), False)
     with torch.no_grad():
         assert not experts.grouped_beyond([3] * 64, 0)  # none where it does not work
+
+
+def test_kept_per_expert_weight_views_follow_new_weights():
+    experts = _experts()
+    experts.capacity = lambda sizes: 0  # every slot through the per-expert loop, which keeps the views
+    experts.grouped_beyond = lambda sizes, capacity: False
+    x = torch.randn(6, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(5))
+    ids, weights = _routing(6, 2, experts.count, skew=False, seed=6)
+    with torch.inference_mode():
+        experts(x, ids, weights)
+    with torch.no_grad():
+        experts.gate_up.mul_(2)  # in place: the kept views see it
+        torch.testing.assert_close(experts(x, ids, weights), _slot_by_slot(experts, x, ids, weights), rtol=1e-5, atol=1e-6)
+    experts.down = torch.nn.Parameter(experts.down.detach() * 3)  # a new tensor: the views are made again
+    with torch.no_grad():
+        torch.testing.assert_close(experts(x, ids, weights), _slot_by_slot(experts, x, ids, weights), rtol=1e-5, atol=1e-6)
