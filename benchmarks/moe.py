@@ -7,7 +7,8 @@ repeats, medians:
 - prefill: one forward pass of 2 x 256 tokens;
 - decoding: greedy decoding of 64 new tokens after the same 2 x 256 prompt (tokens/s, the prefill
   taken out by timing a 1-token generate too); also after a 2 x 16 prompt;
-- the FFN experts' achieved FLOP rate against one dense matmul of the same FLOPs;
+- the FFN experts' achieved FLOP rate against one dense matmul of the same FLOPs, and that of
+  their two batched matmuls alone with the slots spread exactly evenly (the layout's ceiling);
 - MoE time with 0%, 25% and 50% of the slots on zero experts.
 Prints one line per figure with the ratio.
 """
@@ -106,11 +107,20 @@ def main() -> int:
     x = torch.randn(n_slots, config.hidden_size, generator=gen)
     w = torch.randn(config.hidden_size, 3 * config.expert_ffn_hidden_size, generator=gen)
     product = torch.empty(n_slots, w.shape[1])  # kept: a fresh output each time would time page faults, not arithmetic
+    # The same expert matmuls with every expert given exactly its share of the slots: two batched
+    # matmuls and nothing else, the most a batched layout of the experts can reach here.
+    rows = n_slots // experts.count
+    balanced_in = torch.randn(experts.count, rows, config.hidden_size, generator=gen)
+    balanced_act = torch.randn(experts.count, rows, config.expert_ffn_hidden_size, generator=gen)
+    balanced_out = (torch.empty(experts.count, rows, experts.gate_up.shape[-1]), torch.empty(experts.count, rows, config.hidden_size))
     with torch.no_grad():
         t = interleaved({"experts": lambda: experts(tokens, slots, routing.weights),
-                         "dense": lambda: torch.matmul(x, w, out=product)}, args.repeats * 3)
+                         "dense": lambda: torch.matmul(x, w, out=product),
+                         "balanced": lambda: (torch.bmm(balanced_in, experts.gate_up, out=balanced_out[0]),
+                                              torch.bmm(balanced_act, experts.down, out=balanced_out[1]))}, args.repeats * 3)
     print(f"experts: {flops / t['experts'] / 1e9:.1f} GFLOP/s over {n_slots} slots; one dense matmul of the same FLOPs "
-          f"{flops / t['dense'] / 1e9:.1f} GFLOP/s; {t['dense'] / t['experts']:.0%} of the dense rate (target >= 60%)")
+          f"{flops / t['dense'] / 1e9:.1f} GFLOP/s; {t['dense'] / t['experts']:.0%} of the dense rate (target >= 60%); "
+          f"the two batched matmuls alone with {rows} slots per expert: {t['dense'] / t['balanced']:.0%}")
 
     timings = {}
     with torch.no_grad():
