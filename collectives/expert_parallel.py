@@ -35,9 +35,9 @@ from typing import Any, Sequence
 
 import torch
 
+from moeport.buffers import cannot_write_here
 from moeport.collectives import differentiable as diff
 from moeport.collectives.base import Communicator, FutureHandle, MappedHandle
-from moeport.buffers import cannot_write_here
 from moeport.collectives.differentiable import RowFormat, unpack_rows
 
 _EXCHANGE_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
