@@ -13,11 +13,13 @@ expert-parallel group has one rank, dispatch/combine over it otherwise).
 from __future__ import annotations
 
 import dataclasses
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeport.backends.expert_kernels import kernel_for
 from moeport.collectives.base import CompletedHandle, Handle
 from moeport.model.config import LongcatConfig
 from moeport.model.dtypes import in_dtype
@@ -101,14 +103,21 @@ class ExpertFFNs(nn.Module):
     def forward(self, x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """For each row of x [N, H]: sum over its valid slots (local id >= 0) of weight * expert(row).
 
-        Slots are sorted by expert once, with one host synchronisation per call (the
-        per-expert counts) and none per expert. Up to a capacity of slots per expert
-        run as two batched matmuls over all experts; the slots beyond it (and every
-        slot, when slots are few) run as one matmul pair per expert that has them.
-        The capacity is chosen from the counts to make the padding and the extra
-        matmuls cheapest together.
+        Without autograd, a device's own kernels run the experts where it offers them
+        (backends/expert_kernels.py): a fused kernel for the whole layer, else a
+        grouped matmul that runs every slot, sorted by expert, as one GEMM per expert
+        of exactly its slots. Otherwise the slots are sorted by expert once, with one
+        host synchronisation per call (the per-expert counts) and none per expert; up
+        to a capacity of slots per expert run as two batched matmuls over all
+        experts; the slots beyond it (and every slot, when slots are few) run as one
+        matmul pair per expert that has them. The capacity is chosen from the counts
+        to make the padding and the extra matmuls cheapest together.
         """
         n, k = local_ids.shape
+        fused = self.device_kernel("fused_experts", x)
+        if fused is not None:
+            return fused(x.contiguous(), local_ids.contiguous(), weights.to(torch.float32).contiguous(), self.gate_up.detach(),
+                         self.down.detach(), self.workspace.take("expert_out", (n * k, x.shape[1]), x), torch.empty_like(x))
         out = torch.zeros_like(x)
         # one stable sort by expert, with the slots for no expert of this rank (-1, which the
         # remainder makes `count`) placed last
@@ -121,6 +130,10 @@ class ExpertFFNs(nn.Module):
         slots, experts = slots[:total], experts[:total]
         rows = slots // k
         slot_weights = in_dtype(torch.take(weights, slots), x.dtype)
+        kernel = self.device_kernel("grouped_matmul", x)
+        if kernel is not None:
+            self._ragged(x, out, rows, slot_weights, sizes, kernel)
+            return out
         active = [size for size in sizes if size]  # the choices below depend on these alone
         capacity = self.capacity(active)
         if capacity:
@@ -169,6 +182,13 @@ class ExpertFFNs(nn.Module):
         return (cost + self.ROWS_PER_EXTRA_MATMUL * experts,
                 cost + self.ROWS_PER_EXTRA_GROUP * experts + self.ROWS_PER_GROUP_VISITED * self.count)
 
+    def device_kernel(self, kind: str, x: torch.Tensor) -> Callable[..., Any] | None:
+        """The device's kernel of `kind` (see backends/expert_kernels.py) for these weights and rows x,
+        where one can run now: not under autograd, tracing or compilation."""
+        if torch.is_grad_enabled() or torch.jit.is_tracing() or torch.compiler.is_compiling() or x.dtype != self.gate_up.dtype:
+            return None
+        return kernel_for(kind, self.gate_up.device, self.gate_up.dtype)
+
     def _grouped_mm_here(self) -> bool:
         """Whether a grouped matmul can run the experts now: not under autograd, and only where it works."""
         return not torch.is_grad_enabled() and grouped_mm_works(self.gate_up.device, self.gate_up.dtype)
@@ -202,6 +222,15 @@ class ExpertFFNs(nn.Module):
         if torch.is_grad_enabled():
             return x.index_select(0, index)
         return torch.index_select(x, 0, index, out=self.workspace.take("expert_in", (index.numel(), x.shape[1]), x))
+
+    def _ragged(self, x, out, rows, slot_weights, sizes: list[int], kernel: Callable[..., Any]) -> None:
+        """Every slot, sorted by expert, through the device's grouped matmul: no padding, no loop."""
+        gathered = self._gather(x, rows)
+        hidden = kernel(gathered, self.gate_up.detach(), sizes,
+                        self.workspace.take("expert_gate_up", (gathered.shape[0], self.gate_up.shape[-1]), x))
+        activated = self._weighted_activation_(hidden, slot_weights[:, None])
+        results = kernel(activated, self.down.detach(), sizes, self.workspace.take("expert_out", tuple(gathered.shape), x))
+        out.index_add_(0, rows, results)
 
     def _batched(self, x, out, rows, experts, slot_weights, counts, capacity) -> None:
         """The first `capacity` slots of every expert, padded to `capacity` rows each, in two bmm."""

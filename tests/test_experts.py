@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from moeport.backends.expert_kernels import kernel_for
 from moeport.model import PRESETS
 from moeport.model import moe
 from moeport.model.moe import ExpertFFNs
@@ -44,16 +45,7 @@ def _routing(rows: int, k: int, count: int, skew: bool, seed: int):
     return ids, torch.rand(rows, k, generator=gen)
 
 
-@pytest.mark.parametrize("capacity", [None, 0, 1, 3, 1000])
-@pytest.mark.parametrize("skew", [False, True])
-@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "loop"])
-def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped, monkeypatch):
-    if grouped and not moe.grouped_mm_works(torch.device("cpu"), torch.float32):
-        pytest.skip("this torch has no grouped matmul for float32 on the CPU")
-    experts = _experts()
-    monkeypatch.setattr(experts, "grouped_beyond", lambda sizes, capacity: grouped)
-    if capacity is not None:  # force the path: all per expert (0), batched with overflow, all batched
-        experts.capacity = lambda sizes: min(capacity, max(sizes))
+def _check_against_the_definition(experts: ExpertFFNs, skew: bool) -> None:
     x = torch.randn(24, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(1))
     ids, weights = _routing(24, 4, experts.count, skew, seed=2)
     expected = _slot_by_slot(experts, x, ids, weights)
@@ -62,6 +54,55 @@ def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped, m
         second = experts(x * 2, ids, weights)  # the workspace is reused: no stale rows
     torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(second, _slot_by_slot(experts, x * 2, ids, weights), rtol=1e-5, atol=1e-6)
+
+
+def _only(kind: str | None):
+    """A device_kernel that offers only the device's kernel of `kind` (None: none), counting its calls."""
+    calls = []
+
+    def device_kernel(asked: str, x):
+        kernel = kernel_for(asked, torch.device("cpu"), torch.float32) if asked == kind and not torch.is_grad_enabled() else None
+        if kernel is None:
+            return None
+        return lambda *args: calls.append(asked) or kernel(*args)
+    return device_kernel, calls
+
+
+@pytest.mark.parametrize("kind, calls_per_forward", [("fused_experts", 1), ("grouped_matmul", 2)])
+@pytest.mark.parametrize("skew", [False, True])
+def test_each_device_kernel_gives_the_slot_by_slot_result(kind, calls_per_forward, skew, monkeypatch):
+    if kernel_for(kind, torch.device("cpu"), torch.float32) is None:
+        pytest.skip(f"no {kind} kernel on this machine's CPU")
+    experts = _experts()
+    device_kernel, calls = _only(kind)
+    monkeypatch.setattr(experts, "device_kernel", device_kernel)
+    experts.capacity = lambda sizes: pytest.fail("a device kernel needs no capacity")
+    _check_against_the_definition(experts, skew)
+    assert calls == [kind] * 2 * calls_per_forward  # two forwards
+
+
+def test_the_device_kernels_run_only_without_autograd():
+    experts = _experts()
+    x = torch.ones(1, experts.gate_up.shape[1])
+    for kind in ("fused_experts", "grouped_matmul"):
+        assert experts.device_kernel(kind, x) is None
+        with torch.no_grad():
+            assert experts.device_kernel(kind, x) is kernel_for(kind, torch.device("cpu"), torch.float32)
+            assert experts.device_kernel(kind, x.double()) is None  # rows of another dtype than the weights
+
+
+@pytest.mark.parametrize("capacity", [None, 0, 1, 3, 1000])
+@pytest.mark.parametrize("skew", [False, True])
+@pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "loop"])
+def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped, monkeypatch):
+    if grouped and not moe.grouped_mm_works(torch.device("cpu"), torch.float32):
+        pytest.skip("this torch has no grouped matmul for float32 on the CPU")
+    experts = _experts()
+    monkeypatch.setattr(experts, "device_kernel", lambda kind, x: None)  # the paths of devices without kernels
+    monkeypatch.setattr(experts, "grouped_beyond", lambda sizes, capacity: grouped)
+    if capacity is not None:  # force the path: all per expert (0), batched with overflow, all batched
+        experts.capacity = lambda sizes: min(capacity, max(sizes))
+    _check_against_the_definition(experts, skew)
 
 
 @pytest.mark.parametrize("capacity", [0, 2, 1000])
@@ -128,6 +169,7 @@ def test_few_slots_over_many_experts_run_as_a_loop_many_as_one_grouped_matmul(mo
 
 def test_kept_per_expert_weight_views_follow_new_weights():
     experts = _experts()
+    experts.device_kernel = lambda kind, x: None
     experts.capacity = lambda sizes: 0  # every slot through the per-expert loop, which keeps the views
     experts.grouped_beyond = lambda sizes, capacity: False
     x = torch.randn(6, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(5))

@@ -1,0 +1,117 @@
+"""Kernels a device offers the MoE experts beyond torch's own operators, looked up by device type.
+
+Two kinds, each optional:
+- "fused_experts": the whole FFN-expert layer in one call,
+  `kernel(x [N, H], local_ids [N, k], weights [N, k], gate_up [E, H, 2I], down [E, I, H], results, out)`
+  writes into `out` [N, H], for each row, the sum over its slots with a local id >= 0 of
+  weight * SwiGLU_expert(row); `results` [N * k, H] is scratch it may use.
+- "grouped_matmul": `kernel(a, b, sizes, out)` writes, for each group g, the next `sizes[g]`
+  rows of `a` [S, K] times `b[g]` [K, N] into the same rows of `out` [S, N] (empty groups
+  allowed): the experts' GEMMs with no padding.
+
+Kernels are named by "package.module:factory" (imported and called when first asked for; the
+factory returns the kernel, or None where it cannot run on this machine), so looking one up
+never imports what a device does not use. A plugin offers its own with `register`. Every
+kernel is checked once per device type and dtype on a small problem against the plain
+definition before it is used; one that raises or answers wrong is not used, with a warning.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+KINDS = ("fused_experts", "grouped_matmul")
+
+KERNELS: dict[tuple[str, str], str | Callable[..., Any]] = {
+    ("fused_experts", "cpu"): "moeport.backends.cpu_fused_experts:fused_experts",
+    ("grouped_matmul", "cpu"): "moeport.backends.mkl_grouped_matmul:grouped_matmul",
+}
+
+_CHECKED: dict[tuple[str, str, torch.dtype], Callable[..., Any] | None] = {}
+
+
+def register(kind: str, device_type: str, kernel: str | Callable[..., Any]) -> None:
+    """Offer a kernel of `kind` for `device_type`: the kernel itself, or the "package.module:factory"
+    that makes it. It replaces any earlier one and is checked again on first use."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown kernel kind {kind!r}; expected one of {', '.join(KINDS)}")
+    KERNELS[(kind, device_type)] = kernel
+    for key in [key for key in _CHECKED if key[:2] == (kind, device_type)]:
+        del _CHECKED[key]
+
+
+def kernel_for(kind: str, device: torch.device, dtype: torch.dtype) -> Callable[..., Any] | None:
+    """The checked kernel of `kind` for tensors of this device and dtype, or None where there is none."""
+    key = (kind, device.type, dtype)
+    if key not in _CHECKED:
+        _CHECKED[key] = _checked(kind, device, dtype)
+    return _CHECKED[key]
+
+
+def in_use(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
+    """For each kind, the name of the kernel the experts use on this device and dtype (None: torch's operators)."""
+    names = {}
+    for kind in KINDS:
+        target = KERNELS.get((kind, device.type))
+        used = target is not None and kernel_for(kind, device, dtype) is not None
+        names[kind] = (target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))) if used else None
+    return names
+
+
+def _load(target: str | Callable[..., Any]) -> Callable[..., Any] | None:
+    if not isinstance(target, str):
+        return target
+    module_name, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module_name), attr)()
+
+
+def _checked(kind: str, device: torch.device, dtype: torch.dtype) -> Callable[..., Any] | None:
+    target = KERNELS.get((kind, device.type))
+    kernel = None if target is None else _load(target)
+    if kernel is None:
+        return None
+    try:
+        with torch.no_grad():
+            got, want = _CHECKS[kind](kernel, device, dtype)
+        right = got.shape == want.shape and bool(torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5))
+    except NotImplementedError:  # not a dtype the kernel takes
+        return None
+    except (RuntimeError, TypeError, ValueError) as exc:
+        right, target = False, f"{target} ({type(exc).__name__}: {exc})"
+    if not right:
+        warnings.warn(f"the {kind} kernel {target} for {device.type} {dtype} failed its check; not used", stacklevel=3)
+        return None
+    return kernel
+
+
+def _check_grouped_matmul(kernel, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    sizes = [3, 0, 6, 1]  # an empty group in the middle
+    a = torch.randint(-3, 4, (sum(sizes), 16), generator=gen).to(device=device, dtype=dtype)
+    b = torch.randint(-3, 4, (len(sizes), 16, 8), generator=gen).to(device=device, dtype=dtype)
+    want = torch.cat([rows @ b[g] for g, rows in enumerate(a.split(sizes))])
+    return kernel(a, b, sizes, torch.full_like(want, float("nan"))), want
+
+
+def _check_fused_experts(kernel, device, dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    rows, k, count, hidden, inter = 7, 3, 4, 16, 8
+    x = torch.randn(rows, hidden, generator=gen).to(device=device, dtype=dtype)
+    ids = torch.randint(-1, count, (rows, k), generator=gen).to(device)  # -1: a slot for no expert here
+    weights = torch.rand(rows, k, generator=gen).to(device)
+    gate_up = (torch.randn(count, hidden, 2 * inter, generator=gen) * 0.3).to(device=device, dtype=dtype)
+    down = (torch.randn(count, inter, hidden, generator=gen) * 0.3).to(device=device, dtype=dtype)
+    want = torch.zeros_like(x)
+    for row, slot in (ids >= 0).nonzero().tolist():
+        gate, up = (x[row] @ gate_up[ids[row, slot]]).chunk(2)
+        want[row] += (F.silu(gate) * up * weights[row, slot].to(dtype)) @ down[ids[row, slot]]
+    results = torch.empty(rows * k, hidden, device=device, dtype=dtype)
+    return kernel(x, ids, weights, gate_up, down, results, torch.full_like(x, float("nan"))), want
+
+
+_CHECKS = {"grouped_matmul": _check_grouped_matmul, "fused_experts": _check_fused_experts}
