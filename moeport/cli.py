@@ -40,6 +40,7 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from moeport.backends import registry
+    from moeport.backends.expert_kernels import in_use
     from moeport.profile import load_profile, model_config_of
     from moeport.runtime import select_backend
 
@@ -72,6 +73,7 @@ def _info(args: argparse.Namespace) -> int:
         "schedule": profile.schedule,
         "model": model_desc,
         "experts": {"ffn": config.n_routed_experts, "zero": config.zero_expert_num, "top_k": config.moe_topk},
+        "expert_kernels": in_use(backend.device(0), getattr(torch, profile.dtype)) if backend.is_available() else {},
         "emulated_link": profile.emulated_link.model_dump() if profile.emulated_link else None,
     }
     if args.json:
@@ -88,6 +90,8 @@ def _info(args: argparse.Namespace) -> int:
         ("schedule", profile.schedule),
         ("model", f"{model_desc}: {config.n_routed_experts} FFN + {config.zero_expert_num} zero experts, top-{config.moe_topk}"),
     ]
+    kernels = ", ".join(f"{kind} {name}" for kind, name in info["expert_kernels"].items() if name)
+    rows.append(("expert kernels", kernels or "none: the experts run on torch's operators"))
     if profile.emulated_link is not None:
         link = profile.emulated_link
         rows.append(("emulated link", f"{link.latency_us:g} us latency, {link.bandwidth_gbps:g} GB/s"))
