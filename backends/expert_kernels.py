@@ -25,6 +25,8 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from moeport.errors import UserError
+
 KINDS = ("fused_experts", "grouped_matmul")
 
 KERNELS: dict[tuple[str, str], str | Callable[..., Any]] = {
@@ -64,10 +66,16 @@ def in_use(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
 
 
 def _load(target: str | Callable[..., Any]) -> Callable[..., Any] | None:
+    """The kernel a target names (None: its factory found nothing to run here); one that does not
+    import is an error naming it, never a silent fallback."""
     if not isinstance(target, str):
         return target
     module_name, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module_name), attr)()
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise UserError(f"expert kernel {target!r} failed to import: {type(exc).__name__}: {exc}") from exc
+    return factory()
 
 
 def _checked(kind: str, device: torch.device, dtype: torch.dtype) -> Callable[..., Any] | None:

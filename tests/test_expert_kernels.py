@@ -218,6 +218,14 @@ def test_a_kernel_that_fails_its_check_is_not_used_and_says_so(fresh_lookup, kin
         assert fresh_lookup.kernel_for(kind, torch.device("cpu"), torch.float32) is None
 
 
+def test_a_kernel_that_does_not_import_is_an_error_naming_it(fresh_lookup):
+    from moeport.errors import UserError
+
+    fresh_lookup.register("fused_experts", "cpu", "no_such_vendor.kernels:fused")
+    with pytest.raises(UserError, match="no_such_vendor.kernels:fused.*failed to import"):
+        fresh_lookup.kernel_for("fused_experts", torch.device("cpu"), torch.float32)
+
+
 def test_a_registered_kernel_replaces_the_earlier_one_and_is_checked_again(fresh_lookup):
     calls = []
 
