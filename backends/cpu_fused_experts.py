@@ -86,12 +86,10 @@ def build(compiler: str | None = None) -> Path | None:
     return target
 
 
-def _address(library: ctypes.CDLL, *names: str) -> int | None:
-    for name in names:
-        function = getattr(library, name, None)
-        if function is not None:
-            return ctypes.cast(function, ctypes.c_void_p).value
-    return None
+def _address(library: ctypes.CDLL, name: str) -> int | None:
+    """The address of the function `name` in `library`, or None if it exports none."""
+    function = getattr(library, name, None)
+    return None if function is None else ctypes.cast(function, ctypes.c_void_p).value
 
 
 class CPUFusedExperts:
