@@ -8,7 +8,8 @@ repeats, medians:
 - decoding: greedy decoding of 64 new tokens after the same 2 x 256 prompt (tokens/s, the prefill
   taken out by timing a 1-token generate too); also after a 2 x 16 prompt;
 - the FFN experts' achieved FLOP rate against one dense matmul of the same FLOPs, and that of
-  their two batched matmuls alone with the slots spread exactly evenly (the layout's ceiling);
+  two batched matmuls alone with the slots spread exactly evenly (the ceiling of the batched
+  layout torch's operators use; the line above it names the device kernels the experts use);
 - MoE time with 0%, 25% and 50% of the slots on zero experts.
 Prints one line per figure with the ratio.
 """
@@ -28,6 +29,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
+from moeport.backends.expert_kernels import in_use  # noqa: E402
 from moeport.model import PRESETS, load_pretrained  # noqa: E402
 from moeport.model.moe import Routing, ffn_slots, zero_expert_output  # noqa: E402
 from reference import load_reference, save_reference_checkpoint  # noqa: E402
@@ -73,6 +75,8 @@ def main() -> int:
     prompt = torch.randint(0, config.vocab_size, (2, 256), generator=gen)
     print(f"small config: hidden {config.hidden_size}, {config.n_routed_experts} FFN + {config.zero_expert_num} zero experts, "
           f"top-{config.moe_topk}; {args.threads} threads; medians of {args.repeats} interleaved repeats")
+    kernels = [f"{kind} {name}" for kind, name in in_use(torch.device("cpu"), torch.float32).items() if name]
+    print(f"expert kernels: {', '.join(kernels) or 'none (torch operators)'}")
 
     with torch.no_grad():
         assert (ref(prompt[:, :32]).logits - ours(prompt[:, :32])).abs().max() <= 1e-4
