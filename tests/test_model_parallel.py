@@ -60,7 +60,7 @@ def check(results, expected, world_size):
             assert torch.equal(r[f"{key}_overlap"], r[f"{key}_sequential"]), key  # bit-identical schedules
 
 
-CASES = [("cpu-gloo", 2), ("cpu-gloo", 4), ("generic-cpu", 2), ("generic-cpu", 4), ("cpu-mpi", 2), ("cpu-mpi", 4)]
+CASES = [("cpu-gloo", 1), ("cpu-gloo", 2), ("cpu-gloo", 4), ("generic-cpu", 1), ("generic-cpu", 2), ("generic-cpu", 4), ("cpu-mpi", 2), ("cpu-mpi", 4)]
 
 
 @pytest.mark.parametrize("profile, world_size", CASES)
