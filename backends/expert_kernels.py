@@ -57,42 +57,46 @@ def kernel_for(kind: str, device: torch.device, dtype: torch.dtype) -> Callable[
 
 def in_use(device: torch.device, dtype: torch.dtype) -> dict[str, str | None]:
     """For each kind, the name of the kernel the experts use on this device and dtype (None: torch's operators)."""
-    names = {}
-    for kind in KINDS:
-        target = KERNELS.get((kind, device.type))
-        used = target is not None and kernel_for(kind, device, dtype) is not None
-        names[kind] = (target if isinstance(target, str) else getattr(target, "__qualname__", repr(target))) if used else None
-    return names
+    return {kind: load(kind, device.type)[0] if kernel_for(kind, device, dtype) is not None else None for kind in KINDS}
 
 
-def _load(target: str | Callable[..., Any]) -> Callable[..., Any] | None:
-    """The kernel a target names (None: its factory found nothing to run here); one that does not
-    import is an error naming it, never a silent fallback."""
+def load(kind: str, device_type: str) -> tuple[str, Callable[..., Any] | None]:
+    """The name of the kernel of `kind` offered for `device_type` ("" if none) and the kernel itself (None
+    where there is none or its factory found nothing to run here), not yet checked. A kernel whose module
+    does not import is an error naming it, never a silent fallback."""
+    target = KERNELS.get((kind, device_type))
+    if target is None:
+        return "", None
     if not isinstance(target, str):
-        return target
+        return getattr(target, "__qualname__", repr(target)), target
     module_name, _, attr = target.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as exc:
         raise UserError(f"expert kernel {target!r} failed to import: {type(exc).__name__}: {exc}") from exc
-    return factory()
+    return target, factory()
+
+
+def verify(kind: str, kernel: Callable[..., Any], device: torch.device, dtype: torch.dtype) -> None:
+    """Run `kernel` on a small problem against the plain definition: AssertionError if it answers wrong,
+    NotImplementedError if it does not take `dtype`, and whatever else the kernel raises."""
+    with torch.no_grad():
+        got, want = _CHECKS[kind](kernel, device, dtype)
+    if got.shape != want.shape or not torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5):
+        raise AssertionError(f"{kind} answered wrong on a small problem")
 
 
 def _checked(kind: str, device: torch.device, dtype: torch.dtype) -> Callable[..., Any] | None:
-    target = KERNELS.get((kind, device.type))
-    kernel = None if target is None else _load(target)
+    name, kernel = load(kind, device.type)
     if kernel is None:
         return None
     try:
-        with torch.no_grad():
-            got, want = _CHECKS[kind](kernel, device, dtype)
-        right = got.shape == want.shape and bool(torch.allclose(got.double(), want.double(), rtol=1e-4, atol=1e-5))
+        verify(kind, kernel, device, dtype)
     except NotImplementedError:  # not a dtype the kernel takes
         return None
-    except (RuntimeError, TypeError, ValueError) as exc:
-        right, target = False, f"{target} ({type(exc).__name__}: {exc})"
-    if not right:
-        warnings.warn(f"the {kind} kernel {target} for {device.type} {dtype} failed its check; not used", stacklevel=3)
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        warnings.warn(f"the {kind} kernel {name} for {device.type} {dtype} failed its check ({type(exc).__name__}: "
+                      f"{exc}); not used", stacklevel=3)
         return None
     return kernel
 

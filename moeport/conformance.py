@@ -6,7 +6,8 @@ library under test. A cell of the matrix (operation x dtype) is:
 
 - pass:        the native operation gave the exact answer;
 - fallback:    a declared fallback served it and gave the exact answer;
-- unsupported: the backend does not claim the dtype, or the operation does not apply to it;
+- unsupported: the backend does not claim the dtype, the operation does not apply to it, or
+               the device offers no kernel of that kind for it (the experts' kernels are optional);
 - FAIL:        a wrong answer or an error (the suite then exits 1).
 """
 
@@ -19,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from moeport.backends import expert_kernels
 from moeport.collectives.base import Communicator, ReduceOp
 from moeport.runtime import Runtime
 
@@ -26,7 +28,12 @@ DTYPES = ("float32", "bfloat16", "float16", "int64")
 NO_DTYPE = "-"
 STATUS_ORDER = ("pass", "fallback", "unsupported", "FAIL")
 # (operation, dtype) pairs that have no meaning: an average of integers, integer hidden states.
-NOT_APPLICABLE = {("all_reduce.avg", "int64"), ("dispatch_combine", "int64")}
+NOT_APPLICABLE = {("all_reduce.avg", "int64"), ("dispatch_combine", "int64")} | {
+    (f"experts.{kind}", "int64") for kind in expert_kernels.KINDS}
+
+
+class NotOffered(Exception):
+    """Raised by a check of something optional the device does not offer: its cell is "unsupported"."""
 
 
 @dataclasses.dataclass
@@ -226,6 +233,17 @@ class Suite:
         if not torch.equal(a, torch.randn(8, device=self.device)):
             raise AssertionError("manual_seed does not make random numbers repeat")
 
+    # -- the experts' kernels ---------------------------------------------------
+    def expert_kernel(self, kind: str, dtype: torch.dtype) -> None:
+        """The device's own kernel of `kind` for the MoE experts, where it offers one, against the definition."""
+        name, kernel = expert_kernels.load(kind, self.device.type)
+        if kernel is None:
+            raise NotOffered("none offered: the experts run on torch's operators")
+        try:
+            expert_kernels.verify(kind, kernel, self.device, dtype)
+        except NotImplementedError as exc:
+            raise NotOffered(f"{name} does not take {dtype}") from exc
+
 
 # (operation, fallback that may serve it, check)
 def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype | None], None]]]:
@@ -249,6 +267,7 @@ def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype 
         ("backend.streams_events", None, False, lambda s, d: s.backend_streams_events()),
         ("backend.memory_seed", None, False, lambda s, d: s.backend_memory_seed()),
     ]
+    out += [(f"experts.{kind}", None, True, lambda s, d, kind=kind: s.expert_kernel(kind, d)) for kind in expert_kernels.KINDS]
     return out
 
 
@@ -268,6 +287,8 @@ def run_suite(rt: Runtime) -> dict[str, dict[str, dict[str, str]]]:
                 check(suite, dtype)
                 status = "fallback" if fallback is not None and fallback in suite.comm.fallbacks else "pass"
                 cell = Cell(status)
+            except NotOffered as exc:
+                cell = Cell("unsupported", str(exc))
             except Exception as exc:  # a wrong answer or an error: the cell fails, the suite goes on
                 cell = Cell("FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
             row[dtype_name] = dataclasses.asdict(cell)
