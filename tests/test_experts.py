@@ -56,8 +56,8 @@ def _check_against_the_definition(experts: ExpertFFNs, skew: bool) -> None:
     torch.testing.assert_close(second, _slot_by_slot(experts, x * 2, ids, weights), rtol=1e-5, atol=1e-6)
 
 
-def _only(kind: str | None):
-    """A device_kernel that offers only the device's kernel of `kind` (None: none), counting its calls."""
+def _only(kind: str):
+    """A device_kernel that offers only the device's kernel of `kind`, counting its calls."""
     calls = []
 
     def device_kernel(asked: str, x):
