@@ -73,8 +73,9 @@ def test_overlap_runs_the_dense_path_while_communication_is_in_flight():
     for r in results:
         for (_, a, _), (_, b, _) in zip(r["sequential"], r["overlap"]):
             assert torch.equal(a, b)  # same logits, bit for bit
-        for _, _, link in r["sequential"] + r["overlap"]:
-            assert link > 0.008  # three link crossings per layer at 1.5 ms each: the link really is slow
+        for spans, _, link in r["sequential"]:
+            # three link crossings per layer at 1.5 ms each: the link really is slow, and no op beats it
+            assert link > 0.008 and summarize(spans)["comm_seconds"] >= link
         for spans, _, _ in r["overlap"]:
             for name, inside, done_first in _in_flight(spans):
                 first = {"dispatch": "ffn0", "combine": "attn1_core"}[name]  # the step right after its Issue
@@ -87,7 +88,7 @@ def test_overlap_runs_the_dense_path_while_communication_is_in_flight():
         s: statistics.median(min(summarize(r[s][i][0])["exposed_comm_seconds"] for r in results) for i in range(repeats))
         for s in ("sequential", "overlap")
     }
-    link = results[0]["overlap"][0][2]
+    link = statistics.median(step[2] for r in results for s in ("sequential", "overlap") for step in r[s])
     assert waited["sequential"] - waited["overlap"] >= link / 3, (waited, link)
 
 
