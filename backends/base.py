@@ -15,6 +15,8 @@ from typing import Any, ClassVar
 
 import torch
 
+from moeport.base.dtypes import MODEL_DTYPES
+
 
 @dataclasses.dataclass(frozen=True)
 class Capabilities:
@@ -24,7 +26,7 @@ class Capabilities:
     read by the runtime and the schedule instead of device-name checks.
     """
 
-    dtypes: tuple[str, ...] = ("float32", "bfloat16", "float16")
+    dtypes: tuple[str, ...] = tuple(MODEL_DTYPES)
     streams: bool = False  # separate streams that run concurrently
     timing_events: bool = False  # device-side timing events (else host clocks)
     graph_capture: bool = False

@@ -7,6 +7,7 @@ import os
 import torch
 
 from moeport.backends.base import Backend, Capabilities
+from moeport.base.dtypes import MODEL_DTYPES
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -65,7 +66,7 @@ class CPUBackend(Backend):
 
     def _probe_capabilities(self) -> Capabilities:
         return Capabilities(
-            dtypes=("float32", "bfloat16", "float16"),
+            dtypes=tuple(MODEL_DTYPES),
             streams=False,
             timing_events=False,
             graph_capture=False,

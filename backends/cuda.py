@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from moeport.backends.base import Backend, Capabilities
+from moeport.base.dtypes import DEVICE_DTYPES, MODEL_DTYPES
 
 
 def _is_rocm_build() -> bool:
@@ -77,10 +78,10 @@ class CUDABackend(Backend):
         return int(free), int(total)
 
     def _probe_capabilities(self) -> Capabilities:
-        dtypes = ["float32", "bfloat16", "float16"]
+        dtypes = list(MODEL_DTYPES)
         major, _ = torch.cuda.get_device_capability(self.device())
-        if major >= 9 and hasattr(torch, "float8_e4m3fn"):
-            dtypes.append("float8_e4m3fn")
+        if major >= 9:  # Hopper and later have 8-bit floats
+            dtypes += [name for name in DEVICE_DTYPES if name not in MODEL_DTYPES and hasattr(torch, name)]
         return Capabilities(
             dtypes=tuple(dtypes),
             streams=True,

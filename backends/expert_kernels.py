@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 
 KINDS = ("fused_experts", "grouped_matmul")
 

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from moeport.backends.base import Backend, Capabilities
+from moeport.base.dtypes import DEVICE_DTYPES
 
 # Where each device family reads its list of visible devices (data, not branches).
 VISIBLE_DEVICES_ENV = {
@@ -27,8 +28,6 @@ VISIBLE_DEVICES_ENV = {
     "mlu": "MLU_VISIBLE_DEVICES",
     "musa": "MUSA_VISIBLE_DEVICES",
 }
-
-_DTYPES_TO_PROBE = ("float32", "bfloat16", "float16", "float8_e4m3fn")
 
 
 def accelerator_type() -> str | None:
@@ -151,7 +150,7 @@ class GenericBackend(Backend):
     def _probe_capabilities(self) -> Capabilities:
         device = self.device()
         dtypes = []
-        for name in _DTYPES_TO_PROBE:
+        for name in DEVICE_DTYPES:
             dtype = getattr(torch, name, None)
             try:
                 torch.zeros(2, dtype=dtype, device=device).to(torch.float32)

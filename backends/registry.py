@@ -13,7 +13,7 @@ import importlib
 import importlib.metadata
 
 from moeport.backends.base import Backend
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 
 ENTRY_POINT_GROUP = "moeport.backends"
 

@@ -27,7 +27,6 @@ from moeport.jobs import build_model, run_on_ranks  # noqa: E402
 from moeport.model.timeline import Timeline, summarize  # noqa: E402
 from moeport.profile import load_profile  # noqa: E402
 
-
 #: decode steps timed together per repeat (one step alone is too short to time reliably)
 DECODE_STEPS = 8
 

@@ -26,7 +26,13 @@ from typing import Any, Sequence
 
 import torch
 
-from moeport.collectives.base import Communicator, Handle, MappedHandle, ReduceOp, equal_splits
+from moeport.collectives.base import (
+    Communicator,
+    Handle,
+    MappedHandle,
+    ReduceOp,
+    equal_splits,
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,7 @@ from typing import Any, Sequence
 
 import torch
 
-from moeport.buffers import cannot_write_here
+from moeport.base.buffers import cannot_write_here
 from moeport.collectives import differentiable as diff
 from moeport.collectives.base import Communicator, FutureHandle, MappedHandle
 from moeport.collectives.differentiable import RowFormat, unpack_rows

@@ -43,8 +43,8 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
+from moeport.base.errors import UserError
 from moeport.collectives.base import Communicator, Handle, ReduceOp
-from moeport.errors import UserError
 
 log = logging.getLogger("moeport.collectives")
 

@@ -20,8 +20,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from moeport.atomic import atomic_path, write_text
-from moeport.errors import UserError
+from moeport.base.atomic import atomic_path, write_text
+from moeport.base.errors import UserError
 from moeport.model.config import LongcatConfig
 from moeport.model.lm import LongcatForCausalLM
 

@@ -7,7 +7,7 @@ import json
 import os
 from typing import Any
 
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)

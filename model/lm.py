@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moeport.buffers import cannot_write_here
+from moeport.base.buffers import cannot_write_here
 from moeport.model.config import LongcatConfig
 from moeport.model.layer import ScMoELayer
 from moeport.model.mla import LatentCache, rope_cos_sin, rope_inverse_frequencies

@@ -21,9 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from moeport.backends.expert_kernels import kernel_for, verify
+from moeport.base.dtypes import in_dtype
 from moeport.collectives.base import CompletedHandle, Handle
 from moeport.model.config import LongcatConfig
-from moeport.model.dtypes import in_dtype
 from moeport.model.workspace import Workspace
 
 

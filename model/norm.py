@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from moeport.model.dtypes import in_dtype
+from moeport.base.dtypes import in_dtype
 
 
 class RMSNorm(nn.Module):

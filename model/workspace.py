@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from moeport.buffers import cannot_write_here
+from moeport.base.buffers import cannot_write_here
 
 
 class Workspace:

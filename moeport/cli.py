@@ -15,8 +15,9 @@ from typing import Any, Sequence
 import torch
 
 import moeport
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 from moeport.launch import RankFailure
+from moeport.model.schedule import SCHEDULES
 
 # Commands whose names are reserved for the work that brings them.
 RESERVED = {
@@ -142,7 +143,7 @@ def _read_tokens(path: str, vocab_size: int):
 def _save_npy(path: str, array) -> None:
     import numpy as np
 
-    from moeport.atomic import atomic_path
+    from moeport.base.atomic import atomic_path
 
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
@@ -198,7 +199,14 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _conformance(args: argparse.Namespace) -> int:
-    from moeport.conformance import failed, format_matrix, merge, report, run_suite, to_json
+    from moeport.conformance import (
+        failed,
+        format_matrix,
+        merge,
+        report,
+        run_suite,
+        to_json,
+    )
     from moeport.jobs import run_on_ranks
     from moeport.profile import load_profile
 
@@ -208,7 +216,7 @@ def _conformance(args: argparse.Namespace) -> int:
     print(f"conformance: profile {profile.source}, {profile.world_size} ranks, backend {profile.backend}")
     print(format_matrix(matrix))
     if args.json:
-        from moeport.atomic import write_text
+        from moeport.base.atomic import write_text
 
         info = {"profile": profile.source, "world_size": profile.world_size, "backend": profile.backend,
                 "collectives": profile.collectives.model_dump(), "ranks_reporting": len(per_rank)}
@@ -240,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--iterations", type=int, default=16, help="decode steps (default 16)")
     run.add_argument("--batch", type=int, default=2, help="sequences per rank (default 2)")
     run.add_argument("--prompt-length", type=int, default=32, help="prompt tokens (default 32)")
-    run.add_argument("--schedule", choices=["overlap", "sequential"], help="override the profile's schedule")
+    run.add_argument("--schedule", choices=SCHEDULES, help="override the profile's schedule")
     run.add_argument("--trace", metavar="DIR", help="write Chrome traces per rank and a timeline PNG to DIR")
     run.add_argument("--json", action="store_true", help="end with one JSON line of totals")
     run.set_defaults(func=_run)

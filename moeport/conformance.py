@@ -21,10 +21,12 @@ from typing import Any, Callable
 import torch
 
 from moeport.backends import expert_kernels
+from moeport.base.dtypes import MODEL_DTYPES
 from moeport.collectives.base import Communicator, ReduceOp
 from moeport.runtime import Runtime
 
-DTYPES = ("float32", "bfloat16", "float16", "int64")
+#: The model's dtypes, and an integer one (the collectives also move ids and counts).
+DTYPES = (*MODEL_DTYPES, "int64")
 NO_DTYPE = "-"
 STATUS_ORDER = ("pass", "fallback", "unsupported", "FAIL")
 # (operation, dtype) pairs that have no meaning: an average of integers, integer hidden states.

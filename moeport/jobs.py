@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 from moeport.launch import RankFailure, detect_rank_env, spawn
 from moeport.profile import Profile, model_config_of
 from moeport.runtime import Runtime

@@ -26,8 +26,8 @@ import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
 
-from moeport.atomic import atomic_path
-from moeport.errors import UserError
+from moeport.base.atomic import atomic_path
+from moeport.base.errors import UserError
 
 SPAWNED_ENV = "MOEPORT_SPAWNED"
 

@@ -12,9 +12,20 @@ import os
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    model_validator,
+)
 
-from moeport.errors import UserError
+from moeport.base.dtypes import MODEL_DTYPES
+from moeport.base.errors import UserError
+from moeport.collectives.base import FALLBACKS
+from moeport.model.config import PRESETS, LongcatConfig, preset
+from moeport.model.schedule import SCHEDULES
 
 DEFAULT_PROFILE = "cpu-gloo"
 
@@ -30,7 +41,7 @@ class CollectivesSection(_Section):
     backend: str | None = Field(default=None, min_length=1)  # torch.distributed backend name
     timeout_s: float = Field(default=60.0, gt=0)
     # Force the documented fallbacks even where the library has the native op (testing, debugging).
-    fallbacks: list[Literal["uneven_all_to_all", "reduce_scatter", "avg", "async"]] = []
+    fallbacks: list[Literal[tuple(FALLBACKS)]] = []  # type: ignore[valid-type]
 
 
 class ParallelSection(_Section):
@@ -44,7 +55,7 @@ class ParallelSection(_Section):
 class ModelSection(_Section):
     """The model to build: a named preset or an HF checkpoint directory (exactly one)."""
 
-    preset: str | None = Field(default=None, min_length=1)
+    preset: Literal[tuple(PRESETS)] | None = None  # type: ignore[valid-type]
     checkpoint: str | None = Field(default=None, min_length=1)
 
     @model_validator(mode="after")
@@ -68,8 +79,8 @@ class Profile(_Section):
     device_type: str | None = Field(default=None, min_length=1)  # for the generic backend
     collectives: CollectivesSection = CollectivesSection()
     parallel: ParallelSection = ParallelSection()
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    schedule: Literal["overlap", "sequential"] = "overlap"
+    dtype: Literal[tuple(MODEL_DTYPES)] = "float32"  # type: ignore[valid-type]
+    schedule: Literal[SCHEDULES] = "overlap"  # type: ignore[valid-type]
     seed: int = Field(default=0, ge=0)
     model: ModelSection = ModelSection()
     emulated_link: EmulatedLinkSection | None = None
@@ -143,8 +154,6 @@ class Profile(_Section):
 
 def model_config_of(profile: Profile) -> tuple[Any, str]:
     """(LongcatConfig, description) of the profile's model, checked against its ep."""
-    from moeport.model.config import LongcatConfig, preset
-
     kind, value = profile.model_source()
     if kind == "preset":
         config, what = preset(value, f"{profile.source}: model.preset"), f"preset {value!r}"

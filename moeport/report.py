@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from moeport.atomic import atomic_path, write_text
+from moeport.base.atomic import atomic_path, write_text
 from moeport.launch import detect_rank_env
 from moeport.profile import Profile
 

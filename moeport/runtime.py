@@ -15,13 +15,12 @@ import torch
 
 from moeport.backends.base import Backend
 from moeport.backends.registry import Selection, select
+from moeport.base.dtypes import torch_dtype
+from moeport.base.errors import UserError
 from moeport.collectives.base import Communicator
 from moeport.collectives.local import LocalCommunicator
-from moeport.errors import UserError
 from moeport.launch import RankEnv, detect_rank_env
 from moeport.profile import Profile
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclasses.dataclass
@@ -142,7 +141,7 @@ class Runtime:
         self.comm = groups.world
         self.rank_env = rank_env
         self.device = self.backend.device()
-        self.dtype = DTYPES[profile.dtype]
+        self.dtype = torch_dtype(profile.dtype)
 
     @property
     def rank(self) -> int:

@@ -219,7 +219,7 @@ def test_a_kernel_that_fails_its_check_is_not_used_and_says_so(fresh_lookup, kin
 
 
 def test_a_kernel_that_does_not_import_is_an_error_naming_it(fresh_lookup):
-    from moeport.errors import UserError
+    from moeport.base.errors import UserError
 
     fresh_lookup.register("fused_experts", "cpu", "no_such_vendor.kernels:fused")
     with pytest.raises(UserError, match="no_such_vendor.kernels:fused.*failed to import"):

@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from moeport.backends.expert_kernels import kernel_for
-from moeport.model import PRESETS
-from moeport.model import moe
+from moeport.model import PRESETS, moe
 from moeport.model.moe import ExpertFFNs
 
 

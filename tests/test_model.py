@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 from moeport.model import PRESETS, load_pretrained, parameter_counts, save_pretrained
 from reference import edit_checkpoint, load_reference, save_reference_checkpoint
 

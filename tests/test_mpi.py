@@ -14,9 +14,9 @@ import torch
 
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 
+from moeport.base.errors import UserError  # noqa: E402
 from moeport.collectives.base import ReduceOp  # noqa: E402
 from moeport.conformance import failed, format_matrix, merge, run_suite  # noqa: E402
-from moeport.errors import UserError  # noqa: E402
 from moeport.launch import spawn_mpiexec  # noqa: E402
 from moeport.profile import load_profile  # noqa: E402
 from moeport.testing import RankError, run_ranks  # noqa: E402

@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from conftest import assert_user_error, run_cli
+from moeport.base.errors import UserError
 from moeport.cli import main
-from moeport.errors import UserError
 from moeport.profile import load_profile, shipped_profiles
 
 SHIPPED = ["cpu-gloo", "generic-cpu", "cpu-mpi", "cuda-nccl", "rocm-rccl", "xpu-xccl", "npu-hccl", "emulated-link"]

@@ -11,7 +11,7 @@ from conftest import assert_user_error, run_cli
 from moeport.backends import registry
 from moeport.backends.cpu import CPUBackend
 from moeport.backends.generic import GenericBackend
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 
 
 def test_builtins_resolve():
@@ -104,8 +104,8 @@ def test_plugin_runs_multi_rank(tmp_path):
             profile = load_profile("cpu-gloo").replace(backend="acme")
             print(run_ranks(total, 2, profile, timeout_s=60))
     '''))
-    import subprocess
     import os
+    import subprocess
 
     result = subprocess.run(
         [sys.executable, str(script)], capture_output=True, text=True, timeout=120,

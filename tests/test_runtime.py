@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-from moeport.errors import UserError
+from moeport.base.errors import UserError
 from moeport.launch import RankEnv, detect_rank_env
 from moeport.profile import load_profile
 from moeport.runtime import Runtime, parallel_layout
