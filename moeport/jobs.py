@@ -8,14 +8,14 @@ enough, on spawned local processes otherwise (under mpiexec for the MPI library)
 from __future__ import annotations
 
 import time
-import traceback
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from moeport.base.errors import UserError
-from moeport.launch import RankFailure, detect_rank_env, spawn
+from moeport.launch import detect_rank_env, spawn
+from moeport.launch.failures import error_report, failure_from_report
 from moeport.profile import Profile, model_config_of
 from moeport.runtime import Runtime
 
@@ -51,8 +51,7 @@ def run_on_ranks(
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as exc:  # this rank noticed the failure: one line naming it, exit 1
-            lines = traceback.format_exception_only(type(exc), exc)
-            raise RankFailure(env.rank, lines[-1].strip(), traceback.format_exc()) from exc
+            raise failure_from_report(env.rank, error_report(exc)) from exc
     if profile.world_size == 1:
         return [run_in_runtime(profile, fn, args)]
     return start_ranks(fn, args, profile, timeout_s)
