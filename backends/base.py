@@ -11,11 +11,12 @@ import abc
 import contextlib
 import dataclasses
 import time
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Mapping
 
 import torch
 
 from moeport.base.dtypes import MODEL_DTYPES
+from moeport.kernels.offered import OfferedKernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,10 +99,14 @@ class Backend(abc.ABC):
     device_type: ClassVar[str] = ""
     default_collectives: ClassVar[str] = "gloo"
     visible_devices_env: ClassVar[str | None] = None
+    #: Kernels the device offers the MoE experts beyond torch's operators: {kind:
+    #: "package.module:factory"}, kinds and calling conventions as moeport.kernels describes.
+    expert_kernels: ClassVar[Mapping[str, str]] = {}
 
     def __init__(self) -> None:
         self._local_rank = 0
         self._capabilities: Capabilities | None = None
+        self._offered_kernels: OfferedKernels | None = None
 
     # -- identity -----------------------------------------------------------
     def is_available(self) -> bool:
@@ -176,6 +181,16 @@ class Backend(abc.ABC):
     def memory_info(self) -> tuple[int, int] | None:
         """(free, total) bytes of the device, or None if the device cannot tell."""
         return None
+
+    # -- the experts' kernels ------------------------------------------------
+    @property
+    def offered_expert_kernels(self) -> OfferedKernels:
+        """The kernels of `expert_kernels`, for this backend's device type: each imported when the
+        model first asks for it and checked once per dtype before it is used."""
+        if self._offered_kernels is None:
+            owner = f"{type(self).__module__}:{type(self).__qualname__}"
+            self._offered_kernels = OfferedKernels(self.expert_kernels, self.device_type, owner)
+        return self._offered_kernels
 
     # -- capabilities -------------------------------------------------------
     @property

@@ -8,6 +8,7 @@ import torch
 
 from moeport.backends.base import Backend, Capabilities
 from moeport.base.dtypes import MODEL_DTYPES
+from moeport.kernels import HOST_CPU
 
 
 def _proc_status_kib(field: str) -> int | None:
@@ -23,7 +24,8 @@ def _proc_status_kib(field: str) -> int | None:
 
 
 class CPUBackend(Backend):
-    """Plain CPU ranks: one in-order stream, host-clock timing, process memory figures.
+    """Plain CPU ranks: one in-order stream, host-clock timing, process memory figures, and the
+    experts' kernels moeport ships for the CPU (a fused expert layer, MKL's grouped matmul).
 
     Memory figures are the process's resident set (what the OS charges to the
     rank), since the CPU allocator keeps no statistics of its own.
@@ -32,6 +34,7 @@ class CPUBackend(Backend):
     name = "cpu"
     device_type = "cpu"
     default_collectives = "gloo"
+    expert_kernels = HOST_CPU
 
     def unavailable_reason(self) -> str | None:
         return None

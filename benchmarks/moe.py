@@ -29,9 +29,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
-from moeport.backends.expert_kernels import in_use  # noqa: E402
 from moeport.model import PRESETS, load_pretrained  # noqa: E402
-from moeport.model.moe import Routing, ffn_slots, zero_expert_output  # noqa: E402
+from moeport.model.router import Routing, ffn_slots, zero_expert_output  # noqa: E402
 from reference import load_reference, save_reference_checkpoint  # noqa: E402
 
 
@@ -75,7 +74,8 @@ def main() -> int:
     prompt = torch.randint(0, config.vocab_size, (2, 256), generator=gen)
     print(f"small config: hidden {config.hidden_size}, {config.n_routed_experts} FFN + {config.zero_expert_num} zero experts, "
           f"top-{config.moe_topk}; {args.threads} threads; medians of {args.repeats} interleaved repeats")
-    kernels = [f"{kind} {name}" for kind, name in in_use(torch.device("cpu"), torch.float32).items() if name]
+    kernels = [f"{kind} {name}" for kind, name in ours.context.expert_kernels.in_use(ours.device, torch.float32).items()
+               if name]
     print(f"expert kernels: {', '.join(kernels) or 'none (torch operators)'}")
 
     with torch.no_grad():

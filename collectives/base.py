@@ -5,6 +5,10 @@ asynchronous ones return a Handle whose `wait()` returns the same result, so a
 schedule can issue an operation, compute, and collect the result later.
 Results are written into a caller-given `output` tensor when one is passed
 (buffers can be reused across calls), else into a new tensor.
+
+A communicator owns every thread its operations need (a library's own progress
+thread, the worker that runs an all_to_all whose counts travel first) and ends
+them in `close()`; no thread belongs to the module.
 """
 
 from __future__ import annotations
@@ -133,6 +137,7 @@ class Communicator(abc.ABC):
         self.forced_fallbacks = frozenset(force_fallbacks)
         self.fallbacks = frozenset(self.lacks) | self.forced_fallbacks
         self._logged_fallbacks: set[str] = set()
+        self._worker: concurrent.futures.ThreadPoolExecutor | None = None
 
     # -- what an implementation provides -------------------------------------
     @property
@@ -174,7 +179,13 @@ class Communicator(abc.ABC):
     def _recv(self, tensor: torch.Tensor, src: int) -> Handle: ...
 
     def close(self) -> None:
-        """Release what the communicator holds; the world communicator also ends the library."""
+        """Release what the communicator holds (ending its threads); the world communicator also ends the library.
+
+        Implementations that hold more call this too.
+        """
+        worker, self._worker = self._worker, None
+        if worker is not None:  # a job still inside a collective ends with that collective's timeout
+            worker.shutdown(wait=False, cancel_futures=True)
 
     # -- the operations -------------------------------------------------------
     def all_reduce(self, tensor: torch.Tensor, op: ReduceOp = ReduceOp.SUM, async_op: bool = False) -> Any:
@@ -242,6 +253,48 @@ class Communicator(abc.ABC):
         else:
             handle = self._all_to_all(tensor, out, ins, outs)
         return self._complete(handle, async_op)
+
+    def all_to_all_with_counts(
+        self,
+        tensor: torch.Tensor,
+        input_splits: Sequence[int],
+        output: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+        async_op: bool = False,
+    ) -> Any:
+        """all_to_all for senders that alone know the split sizes: each rank's row counts travel
+        first (a small int64 all_to_all), then the rows (`input_splits[i]` to rank i).
+
+        `output` is a tensor with the rows that will arrive, or a function that takes the
+        number of rows arriving and returns one (a view of a kept buffer, say); None
+        allocates. Returns (rows received in rank order, output_splits). With
+        `async_op=True` a Handle of the same: both exchanges run, in issue order, on this
+        communicator's own worker thread, so neither holds up the caller; issue no other
+        collective on this communicator until it has been waited for.
+        """
+        tensor = tensor.contiguous()
+        ins = list(input_splits)
+        if len(ins) != self.world_size or any(s < 0 for s in ins):
+            raise ValueError(f"all_to_all input_splits must be {self.world_size} non-negative sizes, got {ins}")
+        self._check_rows("all_to_all input", tensor, sum(ins))
+        if not async_op:
+            return self._with_counts(tensor, ins, output)
+        if self.world_size == 1 or "async" in self.fallbacks:
+            if self.world_size > 1:
+                self._note_fallback("async")
+            return CompletedHandle(self._with_counts(tensor, ins, output))
+        if self._worker is None:
+            self._worker = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"moeport-{self.library}")
+        return FutureHandle(self._worker.submit(self._with_counts, tensor, ins, output), "all_to_all_with_counts")
+
+    def _with_counts(self, tensor: torch.Tensor, ins: list[int], output: Any) -> tuple[torch.Tensor, list[int]]:
+        counts = torch.tensor(ins, dtype=torch.int64, device=tensor.device)
+        outs = self.all_to_all(counts).tolist()
+        rows = sum(outs)
+        if callable(output):
+            output = output(rows)
+        elif output is None:
+            output = tensor.new_empty((rows, *tensor.shape[1:]))
+        return self.all_to_all(tensor, output, ins, outs), outs
 
     def broadcast(self, tensor: torch.Tensor, src: int = 0, async_op: bool = False) -> Any:
         """Copy `tensor` from group rank `src` to every rank, in place; returns the tensor."""

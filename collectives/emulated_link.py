@@ -121,4 +121,5 @@ class EmulatedLink(Communicator):
         return self._delayed("recv", self.inner.recv(tensor, src, async_op=True), _nbytes(tensor), t)
 
     def close(self) -> None:
+        super().close()
         self.inner.close()

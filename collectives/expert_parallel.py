@@ -1,17 +1,16 @@
 """Expert-parallel MoE dispatch and combine over `Communicator.all_to_all`.
 
-The FFN experts are split evenly, in contiguous blocks, over the ranks of the
-expert-parallel group: with N experts and E ranks, rank r owns experts
-r*N/E .. (r+1)*N/E - 1. Expert ids >= N are zero-computation experts: their
-slots never leave the rank (the model applies them where the token lives), and
-only slots routed to FFN experts travel.
+Which rank owns which FFN expert is `ExpertLayout`'s to say (expert_layout.py).
+Expert ids >= N are zero-computation experts: their slots never leave the rank
+(the model applies them where the token lives), and only slots routed to FFN
+experts travel.
 
 A token bound for several experts on one rank travels to that rank once, with
 the k local expert ids of its slots (-1 where a slot is not for that rank) and
-their weights. Each dispatch first exchanges per-destination row counts (a
-small all_to_all), then moves the payload in ONE uneven all_to_all: hidden row,
-ids and weights packed side by side into one byte row, so the bits arrive
-exactly as they were sent whatever the dtypes.
+their weights. Each dispatch is one `Communicator.all_to_all_with_counts`: the
+per-destination row counts first (a small all_to_all), then the payload in ONE
+uneven all_to_all: hidden row, ids and weights packed side by side into one byte
+row, so the bits arrive exactly as they were sent whatever the dtypes.
 
 Like Megatron-core's token dispatcher, each direction is three steps, so a
 schedule can run other work while the communication is in flight:
@@ -23,13 +22,13 @@ schedule can run other work while the communication is in flight:
     back = d.token_combine(inp, out_rows, async_op=True).wait()    # communication
     out = d.combine_postprocess(inp, back)                         # local: [T, d] in token order
 
-`dispatch()` and `combine()` chain the three steps. Received rows are views of
-buffers the dispatcher keeps and reuses (see `ExpertParallelDispatcher`).
+The model's expert exchange calls the three steps from its Issue and Wait steps;
+`dispatch()` and `combine()` chain them for everyone else. Received rows are views
+of buffers the dispatcher keeps and reuses (see `ExpertParallelDispatcher`).
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import dataclasses
 from typing import Any, Sequence
 
@@ -37,88 +36,14 @@ import torch
 
 from moeport.base.buffers import cannot_write_here
 from moeport.collectives import differentiable as diff
-from moeport.collectives.base import Communicator, FutureHandle, MappedHandle
+from moeport.collectives.base import Communicator, MappedHandle
 from moeport.collectives.differentiable import RowFormat, unpack_rows
-
-_EXCHANGE_THREAD: concurrent.futures.ThreadPoolExecutor | None = None
-
-
-def _exchange_thread() -> concurrent.futures.ThreadPoolExecutor:
-    """The one thread that runs asynchronous dispatches (counts, then payload), in issue order."""
-    global _EXCHANGE_THREAD
-    if _EXCHANGE_THREAD is None:
-        _EXCHANGE_THREAD = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="moeport-exchange")
-    return _EXCHANGE_THREAD
-
+from moeport.collectives.expert_layout import DispatchRoute, ExpertLayout, route
 
 #: dtype of the local expert ids inside a travelling row (ids are small; int64 on either side).
 _ID_DTYPE = torch.int32
 #: bytes of one expert id and of one int64 row count in a naive dispatch and the counts exchange.
 _NAIVE_ID_BYTES = 8
-
-
-@dataclasses.dataclass(frozen=True)
-class ExpertLayout:
-    """Which rank of the expert-parallel group owns which FFN expert (contiguous, equal blocks)."""
-
-    n_routed_experts: int
-    ep_size: int
-
-    def __post_init__(self) -> None:
-        if self.ep_size < 1 or self.n_routed_experts < 1 or self.n_routed_experts % self.ep_size:
-            raise ValueError(
-                f"n_routed_experts ({self.n_routed_experts}) must be a positive multiple of the "
-                f"expert-parallel group size ({self.ep_size})"
-            )
-
-    @property
-    def experts_per_rank(self) -> int:
-        """FFN experts each rank owns."""
-        return self.n_routed_experts // self.ep_size
-
-    def local_experts(self, rank: int) -> range:
-        """The global ids of the FFN experts `rank` owns."""
-        return range(rank * self.experts_per_rank, (rank + 1) * self.experts_per_rank)
-
-    def owner(self, expert_ids: torch.Tensor) -> torch.Tensor:
-        """The rank owning each id; `ep_size` for ids that are not FFN experts (zero experts, negative ids)."""
-        ffn = (expert_ids >= 0) & (expert_ids < self.n_routed_experts)
-        return torch.where(ffn, expert_ids.div(self.experts_per_rank, rounding_mode="floor"), self.ep_size)
-
-
-@dataclasses.dataclass
-class Routing:
-    """Where the rows of one dispatch go, worked out locally from the top-k ids.
-
-    One row per distinct (token, destination rank), ordered by destination rank,
-    then by token. `local_ids` / `weights` are [rows, k]: the slot's expert id on
-    the destination rank and its weight, or -1 and 0 where the slot is not for
-    that rank (another rank's expert, or a zero expert).
-    """
-
-    token_index: torch.Tensor
-    send_splits: list[int]
-    local_ids: torch.Tensor
-    weights: torch.Tensor
-    num_tokens: int
-    ffn_slots: int
-
-
-def route(layout: ExpertLayout, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> Routing:
-    """The Routing of a dispatch: local work only, no communication (one host sync for the split sizes)."""
-    ids = topk_ids.long()
-    tokens = ids.shape[0]
-    owner = layout.owner(ids)
-    hit = torch.zeros((tokens, layout.ep_size + 1), dtype=torch.bool, device=ids.device)
-    hit.scatter_(1, owner, True)
-    hit = hit[:, : layout.ep_size]
-    dest, token_index = hit.t().nonzero(as_tuple=True)
-    counts = hit.sum(dim=0)
-    mine = owner[token_index] == dest[:, None]
-    local_ids = torch.where(mine, ids[token_index] - dest[:, None] * layout.experts_per_rank, -1)
-    weights = topk_weights[token_index].masked_fill(~mine, 0)
-    ffn_slots = int((owner < layout.ep_size).sum())
-    return Routing(token_index, counts.tolist(), local_ids, weights, tokens, ffn_slots)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,14 +106,14 @@ class _Buffer:
 
 @dataclasses.dataclass
 class DispatchPlan:
-    """A dispatch between its steps: the routing, the packed payload and, once counted, the receive splits.
+    """A dispatch between its steps: where its rows go, the packed payload and, once counted, the receive splits.
 
     `payload` is [packed byte rows] (a view of the dispatcher's send buffer) or,
     on the differentiable path, the tensors that travel (hidden, weights, int32 ids),
     packed by the differentiable all_to_all in the same `row_format`.
     """
 
-    routing: Routing
+    route: DispatchRoute
     hidden_dtype: torch.dtype
     weights_dtype: torch.dtype
     hidden_size: int
@@ -263,24 +188,17 @@ class ExpertParallelDispatcher:
         from autograd-aware collectives (gradients reach hidden and weights); None
         does so when grad is enabled and hidden or weights require grad. With
         `async_op=True` a Handle is returned at once whose wait() gives the
-        ExpertInput: the counts exchange and then the payload run on the exchange
-        thread, so neither holds up the caller (the caller issues no other
-        collective on this group until it has waited). The differentiable path
-        exchanges the counts synchronously and issues only the payload async.
+        ExpertInput: the counts exchange and then the payload run on the
+        communicator's worker, so neither holds up the caller (the caller issues
+        no other collective on this group until it has waited). The
+        differentiable path exchanges the counts synchronously and issues only
+        the payload async.
         """
         plan = self.dispatch_preprocess(hidden, topk_ids, topk_weights, differentiable)
-        if async_op and not plan.differentiable:
-            self._pending.add("dispatch")
-            future = _exchange_thread().submit(self._dispatch_in_background, plan)
-            # still pending until the caller has waited, however early the thread finishes
-            return MappedHandle(FutureHandle(future, "dispatch"), lambda got: self._done("dispatch", got))
         received = self.token_dispatch(plan, async_op=async_op)
         if async_op:
             return MappedHandle(received, lambda got: self.dispatch_postprocess(plan, got))
         return self.dispatch_postprocess(plan, received)
-
-    def _dispatch_in_background(self, plan: DispatchPlan) -> ExpertInput:
-        return self.dispatch_postprocess(plan, self.token_dispatch(plan, async_op=False))
 
     def dispatch_preprocess(
         self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -293,43 +211,55 @@ class ExpertParallelDispatcher:
         if not differentiable:
             self._not_pending("dispatch")
             hidden, topk_weights = hidden.detach(), topk_weights.detach()
-        routing = route(self.layout, topk_ids, topk_weights)
+        destinations = route(self.layout, topk_ids, topk_weights)
         if differentiable:
-            fields = _travelling_fields(hidden, routing)
+            fields = _travelling_fields(hidden, destinations)
             fmt = RowFormat.for_tensors(fields)
         else:
-            k = routing.local_ids.shape[1]
-            fmt = RowFormat.of([(hidden.dtype, hidden.shape[1]), (routing.weights.dtype, k), (_ID_DTYPE, k)])
-            fields = [self._pack_send_rows(hidden, routing, fmt)]
-        return DispatchPlan(routing, hidden.dtype, topk_weights.dtype, hidden.shape[1], differentiable, fields, fmt)
+            k = destinations.local_ids.shape[1]
+            fmt = RowFormat.of([(hidden.dtype, hidden.shape[1]), (destinations.weights.dtype, k), (_ID_DTYPE, k)])
+            fields = [self._pack_send_rows(hidden, destinations, fmt)]
+        return DispatchPlan(destinations, hidden.dtype, topk_weights.dtype, hidden.shape[1], differentiable, fields, fmt)
 
-    def _pack_send_rows(self, hidden: torch.Tensor, routing: Routing, fmt: RowFormat) -> torch.Tensor:
+    def _pack_send_rows(self, hidden: torch.Tensor, destinations: DispatchRoute, fmt: RowFormat) -> torch.Tensor:
         """The travelling rows (hidden, weights, int32 local ids) written straight into the send buffer."""
-        packed = self._send.rows(len(routing.token_index), fmt.row_bytes, hidden.device)
+        packed = self._send.rows(len(destinations.token_index), fmt.row_bytes, hidden.device)
         hidden_field = fmt.view(packed, 0)
-        gathered = torch.index_select(hidden, 0, routing.token_index, out=hidden_field)
+        gathered = torch.index_select(hidden, 0, destinations.token_index, out=hidden_field)
         if gathered.data_ptr() != hidden_field.data_ptr():  # a kernel that would not write a strided view
             hidden_field.copy_(gathered)
-        fmt.view(packed, 1).copy_(routing.weights)
-        fmt.view(packed, 2).copy_(routing.local_ids)
+        fmt.view(packed, 1).copy_(destinations.weights)
+        fmt.view(packed, 2).copy_(destinations.local_ids)
         return packed
 
     def token_dispatch(self, plan: DispatchPlan, async_op: bool = False) -> Any:
-        """Communication step: exchange the row counts (a small synchronous all_to_all), then issue the
-        payload (one uneven all_to_all); returns what arrived (a list of tensors), or a Handle of it."""
-        plan.recv_splits = self._exchange_counts(plan.routing.send_splits, plan.routing.token_index.device)
-        plan.stats = self.last_stats = self._stats(plan)
-        rows = sum(plan.recv_splits)
+        """Communication step: the row counts, then the payload (one uneven all_to_all), as one
+        `all_to_all_with_counts` into the receive buffer; returns what arrived (a list of tensors), or a
+        Handle of it. The differentiable path exchanges the counts synchronously, then the payload."""
+        send_splits = plan.route.send_splits
         if plan.differentiable:
-            return diff.all_to_all(
-                self.comm, plan.payload, plan.routing.send_splits, plan.recv_splits, async_op=async_op
-            )
-        recv = self._recv.rows(rows, plan.row_format.row_bytes, plan.payload[0].device)
-        got = self.comm.all_to_all(plan.payload[0], recv, plan.routing.send_splits, plan.recv_splits, async_op=async_op)
+            counts = torch.tensor(send_splits, dtype=torch.int64, device=plan.route.token_index.device)
+            self._counted(plan, self.comm.all_to_all(counts).tolist())
+            return diff.all_to_all(self.comm, plan.payload, send_splits, plan.recv_splits, async_op=async_op)
+        row_bytes, device = plan.row_format.row_bytes, plan.payload[0].device
+
+        def receive_buffer(rows: int) -> torch.Tensor:
+            return self._recv.rows(rows, row_bytes, device)
+
+        got = self.comm.all_to_all_with_counts(plan.payload[0], send_splits, receive_buffer, async_op=async_op)
         if not async_op:
-            return [got]
-        self._pending.add("dispatch")
-        return MappedHandle(got, lambda received: self._done("dispatch", [received]))
+            return self._arrived(plan, got)
+        self._pending.add("dispatch")  # still pending until the caller has waited, however early it arrives
+        return MappedHandle(got, lambda received: self._done("dispatch", self._arrived(plan, received)))
+
+    def _arrived(self, plan: DispatchPlan, received: tuple[torch.Tensor, list[int]]) -> list[torch.Tensor]:
+        rows, recv_splits = received
+        self._counted(plan, recv_splits)
+        return [rows]
+
+    def _counted(self, plan: DispatchPlan, recv_splits: list[int]) -> None:
+        plan.recv_splits = recv_splits
+        plan.stats = self.last_stats = self._stats(plan)
 
     def dispatch_postprocess(self, plan: DispatchPlan, received: Sequence[torch.Tensor]) -> ExpertInput:
         """Local step: split what arrived into hidden [R, d], local_ids [R, k] and weights [R, k]."""
@@ -362,7 +292,7 @@ class ExpertParallelDispatcher:
             raise ValueError(
                 f"expert_output must be [{rows}, d] (one row per received row), got {list(expert_output.shape)}"
             )
-        send_splits = plan.routing.send_splits
+        send_splits = plan.route.send_splits
         if plan.differentiable:
             return diff.all_to_all(self.comm, expert_output, dispatched.recv_splits, send_splits, async_op=async_op)
         self._not_pending("combine")
@@ -378,24 +308,20 @@ class ExpertParallelDispatcher:
 
     def combine_postprocess(self, dispatched: ExpertInput, back: torch.Tensor) -> torch.Tensor:
         """Local step: sum the returned rows into a new [T, d] tensor in token order."""
-        routing = dispatched.plan.routing
-        out = back.new_zeros((routing.num_tokens, back.shape[1]))
-        return out.index_add_(0, routing.token_index, back)
+        destinations = dispatched.plan.route
+        out = back.new_zeros((destinations.num_tokens, back.shape[1]))
+        return out.index_add_(0, destinations.token_index, back)
 
     # -- helpers ------------------------------------------------------------------
-    def _exchange_counts(self, send_splits: list[int], device: torch.device) -> list[int]:
-        counts = torch.tensor(send_splits, dtype=torch.int64, device=device)
-        return self.comm.all_to_all(counts).tolist()
-
     def _stats(self, plan: DispatchPlan) -> DispatchStats:
-        routing = plan.routing
+        destinations = plan.route
         row_bytes = plan.row_format.row_bytes
-        rows, own = routing.token_index.shape[0], routing.send_splits[self.comm.rank]
-        k = routing.local_ids.shape[1]
+        rows, own = destinations.token_index.shape[0], destinations.send_splits[self.comm.rank]
+        k = destinations.local_ids.shape[1]
         hidden_bytes = plan.hidden_size * plan.hidden_dtype.itemsize
-        naive = routing.num_tokens * k * (hidden_bytes + _NAIVE_ID_BYTES + plan.weights_dtype.itemsize)
+        naive = destinations.num_tokens * k * (hidden_bytes + _NAIVE_ID_BYTES + plan.weights_dtype.itemsize)
         return DispatchStats(
-            tokens=routing.num_tokens, ffn_slots=routing.ffn_slots, rows_sent=rows, rows_to_peers=rows - own,
+            tokens=destinations.num_tokens, ffn_slots=destinations.ffn_slots, rows_sent=rows, rows_to_peers=rows - own,
             rows_received=sum(plan.recv_splits or []), bytes_sent=rows * row_bytes,
             bytes_to_peers=(rows - own) * row_bytes, naive_bytes=naive,
             count_bytes=self.comm.world_size * _NAIVE_ID_BYTES,
@@ -424,6 +350,7 @@ def _check_inputs(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: to
         )
 
 
-def _travelling_fields(hidden: torch.Tensor, routing: Routing) -> list[torch.Tensor]:
+def _travelling_fields(hidden: torch.Tensor, destinations: DispatchRoute) -> list[torch.Tensor]:
     """The rows that travel, in send order: hidden [S, d], weights [S, k], local ids [S, k] (as int32)."""
-    return [hidden.index_select(0, routing.token_index), routing.weights, routing.local_ids.to(_ID_DTYPE)]
+    return [hidden.index_select(0, destinations.token_index), destinations.weights,
+            destinations.local_ids.to(_ID_DTYPE)]

@@ -1,15 +1,8 @@
 """Communicator over MPI (mpi4py), with one communication thread per process.
 
-Why a thread: Open MPI's non-blocking collectives, as measured here, make no
-progress unless some thread keeps calling into MPI, so an `Ialltoallv` issued
-before a compute phase would only move data once the caller waits. Instead every
-MPI call of the process runs on ONE dedicated thread, in submission order (a
-single FIFO queue, so every rank issues its collectives in the same order):
-a primitive queues a job and returns a Handle backed by a future, and the thread
-makes the blocking MPI call, which releases the GIL and progresses the transfer
-while the caller computes. Point-to-point sends and receives are issued
-non-blocking and polled by the thread, so an async send followed by an async
-receive on both sides of a pair cannot deadlock.
+Every MPI call of the process runs on one thread that the world communicator owns
+(mpi_thread.py says why): a primitive queues a job and returns a Handle backed by a
+future, and the thread makes the blocking MPI call while the caller computes.
 
 How tensors travel:
 - CPU tensors travel zero-copy, as numpy views of the tensor's memory.
@@ -36,22 +29,19 @@ from __future__ import annotations
 import atexit
 import concurrent.futures
 import logging
-import queue
 import sys
-import threading
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 
 from moeport.base.errors import UserError
 from moeport.collectives.base import Communicator, Handle, ReduceOp
+from moeport.collectives.mpi_thread import CommThread, InFlight
 
 log = logging.getLogger("moeport.collectives")
 
 #: Thread support requested when moeport is the first to initialise MPI (mpi4py's own default).
 THREAD_LEVEL = "multiple"
-#: How often the communication thread polls point-to-point requests in flight, in seconds.
-POLL_S = 0.0001
 #: How long `close()` waits for the communication thread to finish what was queued before it.
 CLOSE_GRACE_S = 10.0
 _P2P_TAG = 0
@@ -90,135 +80,6 @@ def _mpi() -> Any:
         )
     _checked_mpi = MPI
     return MPI
-
-
-# -- the communication thread ------------------------------------------------------------------
-
-
-class _InFlight:
-    """What a job returns when its MPI request is still in flight: the thread completes it later."""
-
-    def __init__(self, request: Any, result: Any, keep: Any) -> None:
-        self.request = request
-        self.result = result
-        self.keep = keep  # buffers that must outlive the request
-
-
-class _CommThread:
-    """The one thread of this process that makes every MPI call, in the order the jobs were submitted."""
-
-    def __init__(self) -> None:
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._inflight: list[tuple[concurrent.futures.Future, _InFlight]] = []
-        self._stopping = False
-        self._current: str | None = None
-        self._thread = threading.Thread(target=self._run, name="moeport-mpi", daemon=True)
-        self._thread.start()
-
-    @property
-    def alive(self) -> bool:
-        """Whether the thread still takes jobs."""
-        return self._thread.is_alive() and not self._stopping
-
-    def submit(self, job: Callable[[], Any], what: str) -> concurrent.futures.Future:
-        """Queue `job` (MPI operation `what`) for the thread; the future gets its result (or its exception)."""
-        if not self.alive:
-            raise RuntimeError(f"MPI {what}: the MPI communicator is closed")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._queue.put((future, job, what))
-        return future
-
-    def call(self, job: Callable[[], Any], what: str, timeout: float | None) -> Any:
-        """Run `job` on the thread and wait for its result."""
-        future = self.submit(job, what)
-        try:
-            return future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise self.timeout_error(what, timeout) from None
-
-    def timeout_error(self, what: str, timeout: float | None) -> TimeoutError:
-        """The TimeoutError of a wait for `what`, saying where the thread is (the op a peer has not joined)."""
-        where = f"inside MPI {self._current}" if self._current else "idle"
-        return TimeoutError(
-            f"MPI {what} did not complete within {timeout:g} s (communication thread {where}; "
-            f"{self._queue.qsize()} queued, {len(self._inflight)} sends/receives in flight)"
-        )
-
-    def stop(self, timeout: float) -> bool:
-        """Let the thread finish the jobs queued so far, then end it; False if it is still busy after `timeout`."""
-        if self._thread.is_alive() and not self._stopping:
-            self._stopping = True
-            self._queue.put(None)
-        self._thread.join(timeout)
-        return not self._thread.is_alive()
-
-    def _run(self) -> None:
-        while True:
-            self._reap()
-            try:
-                item = self._queue.get(timeout=POLL_S if self._inflight else None)
-            except queue.Empty:
-                continue
-            if item is None:
-                break
-            future, job, self._current = item
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                result = job()
-            except BaseException as exc:  # handed to the waiter
-                future.set_exception(exc)
-                continue
-            finally:
-                self._current = None
-            if isinstance(result, _InFlight):
-                self._inflight.append((future, result))
-            else:
-                future.set_result(result)
-        for future, _ in self._inflight:
-            future.set_exception(RuntimeError("the MPI communicator was closed before the operation completed"))
-        self._inflight.clear()
-
-    def _reap(self) -> None:
-        """Complete the point-to-point requests that have finished (each Test also drives MPI's progress)."""
-        still = []
-        for future, pending in self._inflight:
-            try:
-                done = pending.request.Test()
-            except BaseException as exc:
-                future.set_exception(exc)
-                continue
-            if done:
-                future.set_result(pending.result)
-            else:
-                still.append((future, pending))
-        self._inflight = still
-
-
-_engine_lock = threading.Lock()
-_engine_now: _CommThread | None = None
-_exit_hook_registered = False
-
-
-def _engine() -> _CommThread:
-    """This process's communication thread, started on first use (and again after the world was closed)."""
-    global _engine_now, _exit_hook_registered
-    with _engine_lock:
-        if _engine_now is None or not _engine_now.alive:
-            _engine_now = _CommThread()
-            if not _exit_hook_registered:
-                atexit.register(_stop_engine)  # registered after mpi4py's: runs before MPI is finalised
-                _exit_hook_registered = True
-        return _engine_now
-
-
-def _stop_engine(timeout: float = CLOSE_GRACE_S) -> None:
-    """End the communication thread (at close or exit), so no MPI call is in flight when MPI is finalised."""
-    global _engine_now
-    with _engine_lock:
-        engine, _engine_now = _engine_now, None
-    if engine is not None and not engine.stop(timeout):
-        log.warning("the MPI communication thread is still inside an MPI call after %g s; leaving it", timeout)
 
 
 # -- tensors as MPI buffers ------------------------------------------------------------------------
@@ -285,7 +146,7 @@ class MPIHandle(Handle):
     """An MPI operation queued on the communication thread; `wait()` returns `result`."""
 
     def __init__(
-        self, engine: _CommThread, future: concurrent.futures.Future, op: str, result: Any,
+        self, engine: CommThread, future: concurrent.futures.Future, op: str, result: Any,
         outputs: Sequence[_Host] = (),
     ) -> None:
         self._engine = engine
@@ -325,10 +186,9 @@ class MPICommunicator(Communicator):
     """
 
     def __init__(
-        self, comm: Any, global_ranks: Sequence[int] | None, timeout_s: float = 60.0,
+        self, comm: Any, global_ranks: Sequence[int] | None, engine: CommThread, timeout_s: float = 60.0,
         force_fallbacks: Iterable[str] = (), is_world: bool = False,
     ) -> None:
-        engine = _engine()
         rank, size = engine.call(lambda: (comm.Get_rank(), comm.Get_size()), "Comm_rank", timeout_s)
         members = range(size) if global_ranks is None else global_ranks
         super().__init__(rank, size, members, timeout_s, force_fallbacks)
@@ -339,10 +199,21 @@ class MPICommunicator(Communicator):
 
     @classmethod
     def world(cls, timeout_s: float = 60.0, force_fallbacks: Iterable[str] = ()) -> "MPICommunicator":
-        """The communicator of every rank mpiexec started (a duplicate of MPI_COMM_WORLD, private to moeport)."""
+        """The communicator of every rank mpiexec started (a duplicate of MPI_COMM_WORLD, private to moeport).
+
+        It starts the process's communication thread, which its subgroups share, and ends it on
+        `close()` (or at exit, before mpi4py finalises MPI, if it was never closed).
+        """
         MPI = _mpi()
-        comm = _engine().call(MPI.COMM_WORLD.Dup, "Comm_dup", timeout_s)
-        return cls(comm, None, timeout_s, force_fallbacks, is_world=True)
+        engine = CommThread()
+        try:
+            comm = engine.call(MPI.COMM_WORLD.Dup, "Comm_dup", timeout_s)
+            world = cls(comm, None, engine, timeout_s, force_fallbacks, is_world=True)
+        except BaseException:
+            engine.stop(0.0)
+            raise
+        atexit.register(world._stop_thread)  # registered after mpi4py's hook, so it runs first
+        return world
 
     @property
     def library(self) -> str:
@@ -367,15 +238,25 @@ class MPICommunicator(Communicator):
                 parent.Free()
 
         comm = self._engine.call(create, "Comm_create_group", self.timeout_s)
-        return MPICommunicator(comm, [self.global_ranks[r] for r in members], self.timeout_s, self.forced_fallbacks)
+        members_world = [self.global_ranks[r] for r in members]
+        return MPICommunicator(comm, members_world, self._engine, self.timeout_s, self.forced_fallbacks)
 
     def close(self) -> None:
         """On the world communicator: finish the queued operations and end the communication thread.
 
-        MPI itself is finalised by mpi4py when the process exits. Subgroup communicators hold nothing to release.
+        MPI itself is finalised by mpi4py when the process exits. Subgroup communicators share the
+        world's thread and end only their own workers.
         """
+        super().close()
         if self._is_world:
-            _stop_engine(min(self.timeout_s, CLOSE_GRACE_S))
+            atexit.unregister(self._stop_thread)
+            self._stop_thread()
+
+    def _stop_thread(self) -> None:
+        """End the communication thread, so that no MPI call is in flight when MPI is finalised."""
+        grace = min(self.timeout_s, CLOSE_GRACE_S)
+        if not self._engine.stop(grace):
+            log.warning("the MPI communication thread is still inside an MPI call after %g s; leaving it", grace)
 
     # -- the primitives ---------------------------------------------------------------------
     def _submit(self, op: str, job: Callable[[], Any], result: Any, outputs: Sequence[_Host] = ()) -> Handle:
@@ -439,18 +320,18 @@ class MPICommunicator(Communicator):
     def _send(self, tensor: torch.Tensor, dst: int) -> Handle:
         host = _Host(tensor)
 
-        def job() -> _InFlight:
+        def job() -> InFlight:
             buffer = _wire(host.buffer)
-            return _InFlight(self._comm.Isend(buffer, dest=dst, tag=_P2P_TAG), None, buffer)
+            return InFlight(self._comm.Isend(buffer, dest=dst, tag=_P2P_TAG), None, buffer)
 
         return self._submit("send", job, None)
 
     def _recv(self, tensor: torch.Tensor, src: int) -> Handle:
         host = _Host(tensor, read=False)
 
-        def job() -> _InFlight:
+        def job() -> InFlight:
             buffer = _wire(host.buffer)
-            return _InFlight(self._comm.Irecv(buffer, source=src, tag=_P2P_TAG), None, buffer)
+            return InFlight(self._comm.Irecv(buffer, source=src, tag=_P2P_TAG), None, buffer)
 
         return self._submit("recv", job, tensor, [host])
 

@@ -131,6 +131,7 @@ class TorchDistCommunicator(Communicator):
         return TorchWorkHandle(dist.irecv(tensor, src=self.global_ranks[src], group=self.group), tensor, "recv")
 
     def close(self) -> None:
+        super().close()
         if self.group is dist.group.WORLD and dist.is_initialized():
             dist.destroy_process_group()
         # A ProcessGroup object still referenced keeps gloo's worker threads alive after the

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Iterable
+from typing import Iterable
 
 import torch
 from safetensors import safe_open
@@ -22,7 +22,9 @@ from safetensors.torch import save_file
 
 from moeport.base.atomic import atomic_path, write_text
 from moeport.base.errors import UserError
+from moeport.collectives.expert_layout import ExpertLayout
 from moeport.model.config import LongcatConfig
+from moeport.model.context import ModelContext, ProvidesModelContext
 from moeport.model.lm import LongcatForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -58,7 +60,7 @@ def _expected_tensors(model: LongcatForCausalLM) -> dict[str, tuple[int, ...]]:
         shapes[name] = tuple(tensor.shape)
     i, h = c.expert_ffn_hidden_size, c.hidden_size
     for layer in range(c.num_layers):
-        for expert in range(model.first_expert, model.first_expert + model.expert_count):
+        for expert in model.experts_here:
             prefix = f"model.layers.{layer}.mlp.experts.{expert}"
             shapes[f"{prefix}.gate_proj.weight"] = (i, h)
             shapes[f"{prefix}.up_proj.weight"] = (i, h)
@@ -118,7 +120,7 @@ def load_weights(model: LongcatForCausalLM, path: str) -> None:
             if match is None:
                 params[name].copy_(tensor)
                 continue
-            layer, expert, kind = int(match.group(1)), int(match.group(2)) - model.first_expert, match.group(3)
+            layer, expert, kind = int(match.group(1)), model.experts_here.index(int(match.group(2))), match.group(3)
             experts = model.model.layers[layer].mlp.experts
             if kind == "gate":
                 experts.gate_up[expert, :, :i].copy_(tensor.T)
@@ -146,8 +148,8 @@ def checkpoint_tensors(
     i = model.config.expert_ffn_hidden_size
     for layer_index, layer in enumerate(model.model.layers):
         experts = layer.mlp.experts
-        for local in range(experts.count):
-            prefix = f"model.layers.{layer_index}.mlp.experts.{experts.first + local}"
+        for local, expert in enumerate(experts.global_ids):
+            prefix = f"model.layers.{layer_index}.mlp.experts.{expert}"
             out[f"{prefix}.gate_proj.weight"] = experts.gate_up[local, :, :i].T.detach().contiguous().cpu()
             out[f"{prefix}.up_proj.weight"] = experts.gate_up[local, :, i:].T.detach().contiguous().cpu()
             out[f"{prefix}.down_proj.weight"] = experts.down[local].T.detach().contiguous().cpu()
@@ -194,10 +196,10 @@ def save_pretrained(
     if rank == 0:
         c = model.config
         weight_map: dict[str, str] = {name: shard for name in tensors}
-        per_rank = c.n_routed_experts // world_size
+        layout = ExpertLayout(c.n_routed_experts, world_size)
         for layer in range(c.num_layers):
             for expert in range(c.n_routed_experts):
-                owner = f"model-{expert // per_rank + 1:05d}-of-{world_size:05d}.safetensors"
+                owner = f"model-{layout.owner_of(expert) + 1:05d}-of-{world_size:05d}.safetensors"
                 for kind in ("gate", "up", "down"):
                     weight_map.setdefault(f"model.layers.{layer}.mlp.experts.{expert}.{kind}_proj.weight", owner)
         index = {"metadata": {}, "weight_map": dict(sorted(weight_map.items()))}
@@ -205,12 +207,15 @@ def save_pretrained(
         write_text(os.path.join(path, "config.json"), config_json(c))
 
 
-def load_pretrained(path: str, runtime: Any = None, dtype: torch.dtype | None = None) -> LongcatForCausalLM:
+def load_pretrained(
+    path: str, runtime: ModelContext | ProvidesModelContext | None = None, dtype: torch.dtype | None = None
+) -> LongcatForCausalLM:
     """A LongCat-Flash model from an HF checkpoint directory.
 
     Without `runtime`: one process holding every expert, on the CPU, in the
-    checkpoint's float32 (or `dtype`). With a Runtime: this rank's share of the
-    experts on the runtime's device and dtype, expert-parallel over its ep group.
+    checkpoint's float32 (or `dtype`). With a Runtime (or the ModelContext of one):
+    this rank's share of the experts on its device and dtype, expert-parallel over
+    its ep group.
     """
     if not os.path.isdir(path):
         raise UserError(f"{path}: no such checkpoint directory")
@@ -218,7 +223,7 @@ def load_pretrained(path: str, runtime: Any = None, dtype: torch.dtype | None = 
     model = LongcatForCausalLM(config, runtime)
     load_weights(model, path)
     if runtime is not None:
-        model.place(runtime.device, runtime.dtype)
+        model.place(model.context.device, model.context.dtype)
     elif dtype is not None:
         model.place("cpu", dtype)
     return model.eval()

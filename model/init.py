@@ -37,8 +37,8 @@ def init_weights(model: LongcatForCausalLM, seed: int = 0) -> LongcatForCausalLM
     for index, layer in enumerate(model.model.layers):
         layer.mlp.router.e_score_correction_bias.zero_()
         experts = layer.mlp.experts
-        for local in range(experts.count):
-            prefix = f"model.layers.{index}.mlp.experts.{experts.first + local}"
+        for local, expert in enumerate(experts.global_ids):
+            prefix = f"model.layers.{index}.mlp.experts.{expert}"
             experts.gate_up[local].copy_(_normal(tuple(experts.gate_up.shape[1:]), std, seed, f"{prefix}.gate_up"))
             experts.down[local].copy_(_normal(tuple(experts.down.shape[1:]), std, seed, f"{prefix}.down"))
     return model

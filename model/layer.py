@@ -1,4 +1,4 @@
-"""The ScMoE decoder layer, written once as a list of steps.
+"""One ScMoE decoder layer, read top to bottom: its state, its steps in the order they run, its forward.
 
     h0  = x  + Attn0(RMSNorm_in0(x))
     u   = RMSNorm_post0(h0)
@@ -8,38 +8,85 @@
     out = h2 + FFN1(RMSNorm_post1(h2)) + moe
 
 The steps are listed in the order of the overlap schedule (LongCat's single-batch
-overlap): attn0 and the router; the dispatch in flight while FFN0 and attn1's q/kv
-projections compute; the experts; the combine in flight while attn1's core attention,
-its output projection and FFN1 compute; the sum. The sequential schedule runs the same
-compute steps in the same order, waiting for each communication as soon as it is issued.
+overlap): attention 0 and the router; the dispatch in flight while FFN0 and attention
+1's q/kv projections compute; the experts; the combine in flight while attention 1's
+core attention, its output projection and FFN1 compute; the sum. The sequential
+schedule runs the same compute steps in the same order, waiting for each communication
+as soon as it is issued (model/schedule.py drives both).
 """
 
 from __future__ import annotations
+
+import dataclasses
+from typing import Any
 
 import torch
 from torch import nn
 
 from moeport.model.config import LongcatConfig
+from moeport.model.exchange import ExpertExchange
+from moeport.model.experts import ExpertFFNs
 from moeport.model.ffn import SwiGLU
-from moeport.model.mla import MLA, LatentCache
-from moeport.model.moe import ExpertFFNs, Router, zero_expert_output
+from moeport.model.mla import MLA, LatentCache, Projected
 from moeport.model.norm import RMSNorm
-from moeport.model.steps import Compute, Issue, LayerState, Step, Wait
+from moeport.model.router import Router, Routing, zero_expert_output
+from moeport.model.schedule import Compute, Issue, Step, Wait, run_steps
+from moeport.model.timeline import Timeline
+
+
+@dataclasses.dataclass
+class LayerState:
+    """What one layer's steps read and fill, in the order the steps fill it.
+
+    In: x [B, T, H], the rotation cos / sin, and the two attention sublayers' caches (None
+    without a cache). Then: h0 (after attention 0), u (its normed output, FFN0's and the
+    MoE's input), tokens (u as rows [B*T, H]), routing (the router's choice), zero_out
+    (the zero experts' share, computed here), h1 (after FFN0), projected (attention 1's
+    queries and latent), received (what the dispatch brought this rank's experts),
+    expert_out (their output rows), h2 (after attention 1), f1 (FFN1's output), moe (the
+    MoE's output in token order) and out, the layer's output.
+    """
+
+    x: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    caches: tuple[LatentCache, LatentCache] | None = None
+    h0: torch.Tensor | None = None
+    u: torch.Tensor | None = None
+    tokens: torch.Tensor | None = None
+    routing: Routing | None = None
+    zero_out: torch.Tensor | None = None
+    h1: torch.Tensor | None = None
+    projected: Projected | None = None
+    received: Any = None
+    expert_out: torch.Tensor | None = None
+    h2: torch.Tensor | None = None
+    f1: torch.Tensor | None = None
+    moe: torch.Tensor | None = None
+    out: torch.Tensor | None = None
+
+    def cache(self, sublayer: int) -> LatentCache | None:
+        """Attention `sublayer`'s cache, or None."""
+        return None if self.caches is None else self.caches[sublayer]
 
 
 class MoEBlock(nn.Module):
     """The router and this rank's FFN experts (named as in the checkpoint: mlp.router, mlp.experts)."""
 
-    def __init__(self, config: LongcatConfig, first_expert: int, expert_count: int) -> None:
+    def __init__(self, config: LongcatConfig, experts_here: range) -> None:
         super().__init__()
         self.router = Router(config)
-        self.experts = ExpertFFNs(config, first_expert, expert_count)
+        self.experts = ExpertFFNs(config, experts_here)
 
 
 class ScMoELayer(nn.Module):
-    """One LongCat-Flash layer: two attention sublayers, two dense FFNs and one shortcut MoE."""
+    """One LongCat-Flash layer: two attention sublayers, two dense FFNs and one shortcut MoE.
 
-    def __init__(self, config: LongcatConfig, first_expert: int, expert_count: int) -> None:
+    `exchange` (set by the model) moves the FFN-expert slots to the experts and back;
+    `routing_counts`, when set, accumulates the slots routed to each expert.
+    """
+
+    def __init__(self, config: LongcatConfig, experts_here: range) -> None:
         super().__init__()
         eps = config.rms_norm_eps
         self.config = config
@@ -47,12 +94,18 @@ class ScMoELayer(nn.Module):
         self.mlps = nn.ModuleList([SwiGLU(config.hidden_size, config.ffn_hidden_size) for _ in range(2)])
         self.input_layernorm = nn.ModuleList([RMSNorm(config.hidden_size, eps) for _ in range(2)])
         self.post_attention_layernorm = nn.ModuleList([RMSNorm(config.hidden_size, eps) for _ in range(2)])
-        self.mlp = MoEBlock(config, first_expert, expert_count)
-        self.exchange = None  # set by the model: moves FFN-expert slots to the experts and back
-        self.routing_counts: torch.Tensor | None = None  # when set: slots routed to each expert, accumulated
+        self.mlp = MoEBlock(config, experts_here)
+        self.exchange: ExpertExchange | None = None
+        self.routing_counts: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                caches: tuple[LatentCache, LatentCache] | None = None, schedule: str = "overlap",
+                timeline: Timeline | None = None) -> torch.Tensor:
+        """The layer's output for x [B, T, H], its steps driven by `schedule` (timed on `timeline` if given)."""
+        return run_steps(self.steps(), LayerState(x, cos, sin, caches), schedule, timeline).out
 
     def steps(self) -> list[Step]:
-        """The layer's steps, in overlap order. State in: x [B, T, H], cos, sin, caches; out: `out`."""
+        """The layer's steps, in the order they run under the overlap schedule."""
         return [
             Compute("attn0", self._attn0),
             Compute("router", self._router),
@@ -68,12 +121,8 @@ class ScMoELayer(nn.Module):
             Compute("sum", self._sum),
         ]
 
-    def _cache(self, s: LayerState, sublayer: int) -> LatentCache | None:
-        return None if s.caches is None else s.caches[sublayer]
-
     def _attn0(self, s: LayerState) -> None:
-        attn = self.self_attn[0]
-        s.h0 = s.x + attn(self.input_layernorm[0](s.x), s.cos, s.sin, self._cache(s, 0))
+        s.h0 = s.x + self.self_attn[0](self.input_layernorm[0](s.x), s.cos, s.sin, s.cache(0))
         s.u = self.post_attention_layernorm[0](s.h0)
 
     def _router(self, s: LayerState) -> None:
@@ -92,7 +141,7 @@ class ScMoELayer(nn.Module):
     def _attn1_qkv(self, s: LayerState) -> None:
         s.projected = self.self_attn[1].project(self.input_layernorm[1](s.h1), s.cos, s.sin)
 
-    def _received(self, s: LayerState, received) -> None:
+    def _received(self, s: LayerState, received: Any) -> None:
         s.received = received
 
     def _experts(self, s: LayerState) -> None:
@@ -102,7 +151,7 @@ class ScMoELayer(nn.Module):
         return self.exchange.combine(s.expert_out)
 
     def _attn1_core(self, s: LayerState) -> None:
-        s.h2 = s.h1 + self.self_attn[1].attend(s.projected, self._cache(s, 1))
+        s.h2 = s.h1 + self.self_attn[1].attend(s.projected, s.cache(1))
 
     def _ffn1(self, s: LayerState) -> None:
         s.f1 = self.mlps[1](self.post_attention_layernorm[1](s.h2))

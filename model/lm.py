@@ -7,19 +7,17 @@ Tensor names follow the HF checkpoint: model.embed_tokens, model.layers.N...., m
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
 from moeport.base.buffers import cannot_write_here
+from moeport.collectives.expert_layout import ExpertLayout
 from moeport.model.config import LongcatConfig
+from moeport.model.context import ModelContext, ProvidesModelContext, context_of
+from moeport.model.exchange import new_exchange
 from moeport.model.layer import ScMoELayer
 from moeport.model.mla import LatentCache, rope_cos_sin, rope_inverse_frequencies
-from moeport.model.moe import LocalExchange
 from moeport.model.norm import RMSNorm
-from moeport.model.schedule import run_steps
-from moeport.model.steps import LayerState
 from moeport.model.timeline import Timeline
 from moeport.model.workspace import Workspace
 
@@ -29,49 +27,46 @@ Caches = list[tuple[LatentCache, LatentCache]]
 class LongcatModel(nn.Module):
     """The decoder stack (the checkpoint's `model.` prefix)."""
 
-    def __init__(self, config: LongcatConfig, first_expert: int, expert_count: int) -> None:
+    def __init__(self, config: LongcatConfig, experts_here: range) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.layers = nn.ModuleList([ScMoELayer(config, first_expert, expert_count) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList([ScMoELayer(config, experts_here) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
 
 class LongcatForCausalLM(nn.Module):
     """LongCat-Flash for next-token prediction.
 
-    `runtime` (a moeport Runtime) supplies the device, dtype, schedule and the
-    expert-parallel group; without one the model holds every expert and runs in
-    this process alone. `model(input_ids)` returns logits [B, T, vocab];
-    `model.generate(input_ids, max_new_tokens=N)` returns token ids [B, T + N].
+    `context` (a moeport Runtime, or a ModelContext) supplies the expert-parallel
+    group, the schedule, the device's expert kernels, and the device and dtype
+    `load_pretrained` places the model on; without one the model holds every
+    expert and runs in this process alone. `model(input_ids)` returns logits
+    [B, T, vocab]; `model.generate(input_ids, max_new_tokens=N)` returns token ids
+    [B, T + N]. `layout` says which rank holds which FFN expert; this rank holds
+    `experts_here`.
     """
 
-    def __init__(self, config: LongcatConfig, runtime: Any = None) -> None:
+    def __init__(self, config: LongcatConfig, context: ModelContext | ProvidesModelContext | None = None) -> None:
         super().__init__()
         self.config = config
-        self.runtime = runtime
-        ep = runtime.groups.ep if runtime is not None else None
-        ep_size, ep_rank = (ep.world_size, ep.rank) if ep is not None else (1, 0)
-        if config.n_routed_experts % ep_size:
-            raise ValueError(f"{config.n_routed_experts} FFN experts cannot be split over {ep_size} ranks")
-        per_rank = config.n_routed_experts // ep_size
-        self.first_expert, self.expert_count = ep_rank * per_rank, per_rank
-        self.model = LongcatModel(config, self.first_expert, per_rank)
+        self.context = context_of(context)
+        ep = self.context.ep
+        try:
+            self.layout = ExpertLayout(config.n_routed_experts, ep.world_size)
+        except ValueError:
+            raise ValueError(f"{config.n_routed_experts} FFN experts cannot be split over {ep.world_size} ranks") from None
+        self.experts_here = self.layout.local_experts(ep.rank)
+        self.model = LongcatModel(config, self.experts_here)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.register_buffer("rope_inv_freq", rope_inverse_frequencies(config), persistent=False)
         self._rotation_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [1, 1, positions, rope]
-        self.schedule = runtime.profile.schedule if runtime is not None else "overlap"
+        self.schedule = self.context.schedule
         self.timeline: Timeline | None = None  # set to time every step of every layer
         workspace = Workspace()  # shared: it holds one layer's peak, not the sum over layers
         for layer in self.model.layers:
-            layer.exchange = self._new_exchange(ep, ep_size)
+            layer.exchange = new_exchange(ep, self.layout)
             layer.mlp.experts.workspace = workspace
-
-    def _new_exchange(self, ep: Any, ep_size: int) -> Any:
-        if ep_size == 1:
-            return LocalExchange(self.config.n_routed_experts)
-        from moeport.model.expert_exchange import ParallelExchange
-
-        return ParallelExchange(ep, self.config, self.first_expert, self.expert_count)
+            layer.mlp.experts.kernels = self.context.expert_kernels
 
     def place(self, device: torch.device | str, dtype: torch.dtype) -> "LongcatForCausalLM":
         """Move to `device` in `dtype`, keeping the router's classifier in float32 (as the reference does)."""
@@ -108,10 +103,9 @@ class LongcatForCausalLM(nn.Module):
         x = self.model.embed_tokens(input_ids)
         cos, sin = self._rotation(start, input_ids.shape[1], x.dtype)
         for index, layer in enumerate(self.model.layers):
-            state = LayerState(x=x, cos=cos, sin=sin, caches=None if caches is None else caches[index])
             if self.timeline is not None:
                 self.timeline.layer = index
-            x = run_steps(layer.steps(), state, self.schedule, self.timeline).out
+            x = layer(x, cos, sin, None if caches is None else caches[index], self.schedule, self.timeline)
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))

@@ -1,6 +1,9 @@
-"""The two schedules: drivers of a layer's step list.
+"""The pieces a layer's step list is made of, and the two schedules that drive it.
 
-Both run the same Compute steps in the same order, so their results are
+A layer is a flat list of steps over one state object: `Compute` steps run on the
+compute stream; an `Issue` step starts a communication and returns a Handle; the
+`Wait` step of the same name receives that Handle's result. A schedule is a driver of
+the list: both run the same Compute steps in the same order, so their results are
 bit-identical; they differ only in when a communication is waited for:
 
 - sequential: right after it is issued (communication never overlaps compute);
@@ -13,12 +16,40 @@ With a Timeline, every compute step and every communication is timed.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from moeport.model.steps import Compute, Issue, LayerState, Step, Wait
+from moeport.collectives.base import Handle
 from moeport.model.timeline import Timeline
 
+#: The schedules, by name (a profile's `schedule:`).
 SCHEDULES = ("overlap", "sequential")
+
+
+@dataclasses.dataclass(frozen=True)
+class Compute:
+    """Local work on the compute stream."""
+
+    name: str
+    run: Callable[[Any], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class Issue:
+    """Start a communication named `name`; returns its Handle."""
+
+    name: str
+    run: Callable[[Any], Handle]
+
+
+@dataclasses.dataclass(frozen=True)
+class Wait:
+    """Receive the result of the communication `name`."""
+
+    name: str
+    run: Callable[[Any, Any], None]
+
+
+Step = Compute | Issue | Wait
 
 
 @dataclasses.dataclass
@@ -41,8 +72,8 @@ def _wait(op: _InFlight, timeline: Timeline | None) -> None:
             op.completed = after
 
 
-def run_steps(steps: Iterable[Step], state: LayerState, schedule: str = "overlap", timeline: Timeline | None = None) -> LayerState:
-    """Run one layer's steps on `state` under `schedule` ("overlap" or "sequential")."""
+def run_steps(steps: Iterable[Step], state: Any, schedule: str = "overlap", timeline: Timeline | None = None) -> Any:
+    """Run one layer's steps on `state` under `schedule` ("overlap" or "sequential"); returns `state`."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown schedule {schedule!r}; expected one of {SCHEDULES}")
     in_flight: dict[str, _InFlight] = {}

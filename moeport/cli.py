@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 import moeport
+from moeport.base.dtypes import torch_dtype
 from moeport.base.errors import UserError
 from moeport.launch import RankFailure
 from moeport.model.schedule import SCHEDULES
@@ -41,7 +42,6 @@ def _add_profile_args(p: argparse.ArgumentParser) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from moeport.backends import registry
-    from moeport.backends.expert_kernels import in_use
     from moeport.profile import load_profile, model_config_of
     from moeport.runtime import select_backend
 
@@ -74,7 +74,8 @@ def _info(args: argparse.Namespace) -> int:
         "schedule": profile.schedule,
         "model": model_desc,
         "experts": {"ffn": config.n_routed_experts, "zero": config.zero_expert_num, "top_k": config.moe_topk},
-        "expert_kernels": in_use(backend.device(0), getattr(torch, profile.dtype)) if backend.is_available() else {},
+        "expert_kernels": (backend.offered_expert_kernels.in_use(backend.device(0), torch_dtype(profile.dtype))
+                           if backend.is_available() else {}),
         "emulated_link": profile.emulated_link.model_dump() if profile.emulated_link else None,
     }
     if args.json:

@@ -20,9 +20,10 @@ from typing import Any, Callable
 
 import torch
 
-from moeport.backends import expert_kernels
 from moeport.base.dtypes import MODEL_DTYPES
 from moeport.collectives.base import Communicator, ReduceOp
+from moeport.kernels import KINDS
+from moeport.kernels.checks import verify
 from moeport.runtime import Runtime
 
 #: The model's dtypes, and an integer one (the collectives also move ids and counts).
@@ -31,7 +32,7 @@ NO_DTYPE = "-"
 STATUS_ORDER = ("pass", "fallback", "unsupported", "FAIL")
 # (operation, dtype) pairs that have no meaning: an average of integers, integer hidden states.
 NOT_APPLICABLE = {("all_reduce.avg", "int64"), ("dispatch_combine", "int64")} | {
-    (f"experts.{kind}", "int64") for kind in expert_kernels.KINDS}
+    (f"experts.{kind}", "int64") for kind in KINDS}
 
 
 class NotOffered(Exception):
@@ -238,11 +239,11 @@ class Suite:
     # -- the experts' kernels ---------------------------------------------------
     def expert_kernel(self, kind: str, dtype: torch.dtype) -> None:
         """The device's own kernel of `kind` for the MoE experts, where it offers one, against the definition."""
-        name, kernel = expert_kernels.load(kind, self.device.type)
+        name, kernel = self.rt.backend.offered_expert_kernels.load(kind)
         if kernel is None:
             raise NotOffered("none offered: the experts run on torch's operators")
         try:
-            expert_kernels.verify(kind, kernel, self.device, dtype)
+            verify(kind, kernel, self.device, dtype)
         except NotImplementedError as exc:
             raise NotOffered(f"{name} does not take {dtype}") from exc
 
@@ -269,7 +270,7 @@ def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype 
         ("backend.streams_events", None, False, lambda s, d: s.backend_streams_events()),
         ("backend.memory_seed", None, False, lambda s, d: s.backend_memory_seed()),
     ]
-    out += [(f"experts.{kind}", None, True, lambda s, d, kind=kind: s.expert_kernel(kind, d)) for kind in expert_kernels.KINDS]
+    out += [(f"experts.{kind}", None, True, lambda s, d, kind=kind: s.expert_kernel(kind, d)) for kind in KINDS]
     return out
 
 

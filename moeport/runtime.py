@@ -20,6 +20,7 @@ from moeport.base.errors import UserError
 from moeport.collectives.base import Communicator
 from moeport.collectives.local import LocalCommunicator
 from moeport.launch import RankEnv, detect_rank_env
+from moeport.model.context import ModelContext
 from moeport.profile import Profile
 
 
@@ -208,6 +209,12 @@ class Runtime:
             dp_comm = world.new_group(mine_dp)
         assert ep_comm is not None and dp_comm is not None
         return ParallelGroups(world=world, ep=ep_comm, dp=dp_comm, tp=LocalCommunicator(world.rank))
+
+    def model_context(self) -> ModelContext:
+        """What a model built on this rank sees: the ep group, the schedule, the device, the dtype and the
+        kernels the backend offers the experts."""
+        return ModelContext(self.groups.ep, self.profile.schedule, self.device, self.dtype,
+                            self.backend.offered_expert_kernels)
 
     def close(self, clean: bool = True) -> None:
         """Leave the collectives; the Runtime is unusable afterwards.

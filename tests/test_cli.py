@@ -28,11 +28,11 @@ def test_info_for_every_shipped_profile(profile):
 
 
 def test_info_names_the_expert_kernels_in_use():
-    from moeport.backends import cpu_fused_experts, mkl_grouped_matmul
+    from moeport.kernels import cpu_fused_experts, mkl_grouped_matmul
 
     info = json.loads(run_cli("info", "--json").stdout)  # the cpu-gloo default, float32
-    fused = "moeport.backends.cpu_fused_experts:fused_experts" if cpu_fused_experts.fused_experts() else None
-    grouped = "moeport.backends.mkl_grouped_matmul:grouped_matmul" if mkl_grouped_matmul.grouped_matmul() else None
+    fused = "moeport.kernels.cpu_fused_experts:fused_experts" if cpu_fused_experts.fused_experts() else None
+    grouped = "moeport.kernels.mkl_grouped_matmul:grouped_matmul" if mkl_grouped_matmul.grouped_matmul() else None
     assert info["expert_kernels"] == {"fused_experts": fused, "grouped_matmul": grouped}
     assert "expert kernels" in run_cli("info").stdout
 

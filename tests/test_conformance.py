@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from moeport.backends import cpu_fused_experts, expert_kernels
 from moeport.collectives.base import Handle
 from moeport.conformance import failed, format_matrix, merge, run_suite
+from moeport.kernels import cpu_fused_experts
 from moeport.profile import load_profile
 from moeport.testing import run_ranks
 
@@ -27,8 +26,9 @@ def test_suite_passes(profile, world_size):
     assert matrix["all_reduce.avg"]["int64"]["status"] == "unsupported"
     # gloo's reduce_scatter cannot complete asynchronously: a declared fallback serves it
     assert matrix["reduce_scatter"]["float32"]["status"] == "fallback"
-    # the experts' own CPU kernels, where this machine builds them; optional, so never a FAIL
-    fused = cpu_fused_experts.fused_experts() is not None
+    # the CPU backend offers the experts its own kernels, where this machine builds them; optional, so never a
+    # FAIL; the generic backend, as a vendor's plugin that declares none, offers none
+    fused = profile == "cpu-gloo" and cpu_fused_experts.fused_experts() is not None
     assert matrix["experts.fused_experts"]["float32"]["status"] == ("pass" if fused else "unsupported")
     assert matrix["experts.grouped_matmul"]["bfloat16"]["status"] == "unsupported"
 
@@ -73,18 +73,3 @@ def test_wrong_answer_is_a_fail_naming_the_op():
 
 
 
-
-def _doubled_grouped_matmul(a, b, sizes, out):
-    return out.copy_(torch.cat([rows @ b[g] * 2 for g, rows in enumerate(a.split(sizes))]))  # twice the answer
-
-
-def suite_with_a_wrong_expert_kernel(rt):
-    expert_kernels.register("grouped_matmul", "cpu", _doubled_grouped_matmul)
-    return run_suite(rt)
-
-
-def test_a_device_kernel_that_answers_wrong_is_a_fail():
-    matrix = merge(run_ranks(suite_with_a_wrong_expert_kernel, 2, "cpu-gloo", timeout_s=240))
-    cell = matrix["experts.grouped_matmul"]["float32"]
-    assert cell["status"] == "FAIL" and "answered wrong" in cell["detail"]
-    assert matrix["experts.grouped_matmul"]["float16"]["status"] == "FAIL"  # a kernel that takes any dtype: checked in each

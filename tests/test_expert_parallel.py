@@ -18,11 +18,8 @@ import torch
 
 from moeport.collectives import differentiable as diff
 from moeport.collectives.differentiable import RowFormat, pack_rows, unpack_rows
-from moeport.collectives.expert_parallel import (
-    ExpertLayout,
-    ExpertParallelDispatcher,
-    route,
-)
+from moeport.collectives.expert_layout import ExpertLayout, route
+from moeport.collectives.expert_parallel import ExpertParallelDispatcher
 from moeport.collectives.local import LocalCommunicator
 from moeport.profile import load_profile
 from moeport.testing import run_ranks

@@ -6,14 +6,22 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from moeport.backends.expert_kernels import kernel_for
-from moeport.model import PRESETS, moe
-from moeport.model.moe import ExpertFFNs
+from moeport.kernels import HOST_CPU, torch_grouped_mm
+from moeport.kernels.offered import OfferedKernels
+from moeport.model import PRESETS
+from moeport.model.expert_costs import ExpertCosts
+from moeport.model.experts import ExpertFFNs
+
+CPU = torch.device("cpu")
+
+
+def _cpu_kernels() -> OfferedKernels:
+    return OfferedKernels(HOST_CPU, "cpu")
 
 
 def _experts(count: int = 8) -> ExpertFFNs:
     config = PRESETS["tiny"]
-    experts = ExpertFFNs(config, 0, count)
+    experts = ExpertFFNs(config, range(count))
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
         experts.gate_up.copy_(torch.randn(experts.gate_up.shape, generator=gen) * 0.1)
@@ -56,11 +64,12 @@ def _check_against_the_definition(experts: ExpertFFNs, skew: bool) -> None:
 
 
 def _only(kind: str):
-    """A device_kernel that offers only the device's kernel of `kind`, counting its calls."""
+    """A device_kernel that offers only the CPU's kernel of `kind`, counting its calls."""
     calls = []
+    kernels = _cpu_kernels()
 
     def device_kernel(asked: str, x):
-        kernel = kernel_for(asked, torch.device("cpu"), torch.float32) if asked == kind and not torch.is_grad_enabled() else None
+        kernel = kernels.kernel(asked, CPU, torch.float32) if asked == kind and not torch.is_grad_enabled() else None
         if kernel is None:
             return None
         return lambda *args: calls.append(asked) or kernel(*args)
@@ -70,12 +79,12 @@ def _only(kind: str):
 @pytest.mark.parametrize("kind, calls_per_forward", [("fused_experts", 1), ("grouped_matmul", 2)])
 @pytest.mark.parametrize("skew", [False, True])
 def test_each_device_kernel_gives_the_slot_by_slot_result(kind, calls_per_forward, skew, monkeypatch):
-    if kernel_for(kind, torch.device("cpu"), torch.float32) is None:
+    if _cpu_kernels().kernel(kind, CPU, torch.float32) is None:
         pytest.skip(f"no {kind} kernel on this machine's CPU")
     experts = _experts()
     device_kernel, calls = _only(kind)
     monkeypatch.setattr(experts, "device_kernel", device_kernel)
-    experts.capacity = lambda sizes: pytest.fail("a device kernel needs no capacity")
+    experts.plan = lambda sizes: pytest.fail("a device kernel needs no capacity")
     _check_against_the_definition(experts, skew)
     assert calls == [kind] * 2 * calls_per_forward  # two forwards
 
@@ -83,33 +92,34 @@ def test_each_device_kernel_gives_the_slot_by_slot_result(kind, calls_per_forwar
 def test_the_device_kernels_run_only_without_autograd():
     experts = _experts()
     x = torch.ones(1, experts.gate_up.shape[1])
+    with torch.no_grad():
+        assert experts.device_kernel("fused_experts", x) is None  # none offered: torch's operators
+    experts.kernels = _cpu_kernels()
     for kind in ("fused_experts", "grouped_matmul"):
         assert experts.device_kernel(kind, x) is None
         with torch.no_grad():
-            assert experts.device_kernel(kind, x) is kernel_for(kind, torch.device("cpu"), torch.float32)
+            assert experts.device_kernel(kind, x) is experts.kernels.kernel(kind, CPU, torch.float32)
             assert experts.device_kernel(kind, x.double()) is None  # rows of another dtype than the weights
 
 
 @pytest.mark.parametrize("capacity", [None, 0, 1, 3, 1000])
 @pytest.mark.parametrize("skew", [False, True])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "loop"])
-def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped, monkeypatch):
-    if grouped and not moe.grouped_mm_works(torch.device("cpu"), torch.float32):
+def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped):
+    if grouped and not torch_grouped_mm.works(CPU, torch.float32):
         pytest.skip("this torch has no grouped matmul for float32 on the CPU")
-    experts = _experts()
-    monkeypatch.setattr(experts, "device_kernel", lambda kind, x: None)  # the paths of devices without kernels
-    monkeypatch.setattr(experts, "grouped_beyond", lambda sizes, capacity: grouped)
-    if capacity is not None:  # force the path: all per expert (0), batched with overflow, all batched
-        experts.capacity = lambda sizes: min(capacity, max(sizes))
+    experts = _experts()  # no device kernels: the paths of devices without them
+    chosen = experts.plan
+    # force the path: all per expert (0), batched with overflow, all batched; None: the cost model's capacity
+    experts.plan = lambda sizes: (chosen(sizes)[0] if capacity is None else min(capacity, max(sizes)), grouped)
     _check_against_the_definition(experts, skew)
 
 
-@pytest.mark.parametrize("capacity", [0, 2, 1000])
-def test_gradients_match_the_slot_by_slot_definition(capacity):
+@pytest.mark.parametrize("skew", [False, True])
+def test_gradients_match_the_slot_by_slot_definition(skew):
     experts = _experts()
-    experts.capacity = lambda sizes: min(capacity, max(sizes))
     x = torch.randn(12, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(3), requires_grad=True)
-    ids, weights = _routing(12, 3, experts.count, skew=True, seed=4)
+    ids, weights = _routing(12, 3, experts.count, skew=skew, seed=4)
     weights.requires_grad_(True)
     ours = torch.autograd.grad(experts(x, ids, weights).square().sum(), (x, weights, experts.gate_up, experts.down))
     definition = torch.autograd.grad(
@@ -133,7 +143,7 @@ def test_grouped_mm_is_used_only_where_it_runs_and_is_right(replacement, monkeyp
         monkeypatch.delattr(F, "grouped_mm", raising=False)
     else:
         monkeypatch.setattr(F, "grouped_mm", replacement, raising=False)
-    assert moe._probe_grouped_mm(torch.device("cpu"), torch.float32) is False
+    assert torch_grouped_mm._probe(CPU, torch.float32) is False
 
 
 def test_no_valid_slot_gives_zeros():
@@ -144,33 +154,38 @@ def test_no_valid_slot_gives_zeros():
 
 
 def test_capacity_balances_padding_against_extra_matmuls():
-    assert _experts(count=8).capacity([0] * 7 + [1]) == 0  # one slot: padding every expert costs more
-    experts = _experts(count=4)
-    assert experts.capacity([50, 50, 50, 50]) == 50  # even counts: batch all of them
-    assert experts.capacity([50, 50, 50, 51]) == 51  # one slot over: padding three rows is cheaper than a matmul
-    assert experts.capacity([50, 50, 50, 150]) == 50  # one expert far over: run its rest alone rather than pad everyone
+    costs, threads = ExpertCosts(), torch.get_num_threads()
+
+    def capacity(sizes):
+        return costs.capacity(sizes, len(sizes), threads, grouped_here=False)
+
+    assert capacity([0] * 7 + [1]) == 0  # one slot: padding every expert costs more
+    assert capacity([50, 50, 50, 50]) == 50  # even counts: batch all of them
+    assert capacity([50, 50, 50, 51]) == 51  # one slot over: padding three rows is cheaper than a matmul
+    assert capacity([50, 50, 50, 150]) == 50  # one expert far over: run its rest alone rather than pad everyone
 
 
 def test_few_slots_over_many_experts_run_as_a_loop_many_as_one_grouped_matmul(monkeypatch):
-    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), True)
-    experts = _experts(count=64)
+    costs, threads = ExpertCosts(), torch.get_num_threads()
     decoding = [1] * 10 + [0] * 54  # a grouped matmul would visit 54 empty groups for 10 slots
-    with torch.no_grad():
-        assert not experts.grouped_beyond(decoding, 0)
-        assert experts.grouped_beyond([3] * 64, 0)
-        assert experts.grouped_beyond([5] * 64, 2)
-        assert not experts.grouped_beyond([5] * 64, 5)  # nothing beyond the capacity
-    assert not experts.grouped_beyond([3] * 64, 0)  # no autograd through grouped matmuls
-    monkeypatch.setitem(moe._GROUPED_MM, ("cpu", torch.float32), False)
-    with torch.no_grad():
-        assert not experts.grouped_beyond([3] * 64, 0)  # none where it does not work
+    assert not costs.grouped_beyond(decoding, 0, 64, threads)
+    assert costs.grouped_beyond([3] * 64, 0, 64, threads)
+    assert costs.grouped_beyond([5] * 64, 2, 64, threads)
+    assert not costs.grouped_beyond([5] * 64, 5, 64, threads)  # nothing beyond the capacity
+    experts = _experts(count=64)
+    monkeypatch.setitem(torch_grouped_mm._WORKS, ("cpu", torch.float32), False)
+    assert experts.plan([3] * 64) == (3, False)  # none where it does not work
+    monkeypatch.setattr(F, "grouped_mm", lambda *args, **kwargs: pytest.fail("no autograd through grouped matmuls"),
+                        raising=False)
+    monkeypatch.setitem(torch_grouped_mm._WORKS, ("cpu", torch.float32), True)
+    x = torch.randn(96, experts.gate_up.shape[1])
+    ids, weights = _routing(96, 2, 64, skew=False, seed=7)
+    experts(x, ids, weights).sum().backward()  # with autograd: the definition
 
 
 def test_kept_per_expert_weight_views_follow_new_weights():
     experts = _experts()
-    experts.device_kernel = lambda kind, x: None
-    experts.capacity = lambda sizes: 0  # every slot through the per-expert loop, which keeps the views
-    experts.grouped_beyond = lambda sizes, capacity: False
+    experts.plan = lambda sizes: (0, False)  # every slot through the per-expert loop, which keeps the views
     x = torch.randn(6, experts.gate_up.shape[1], generator=torch.Generator().manual_seed(5))
     ids, weights = _routing(6, 2, experts.count, skew=False, seed=6)
     with torch.inference_mode():

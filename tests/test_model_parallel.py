@@ -37,7 +37,7 @@ def parallel_job(rt, path):
     model = load_pretrained(path, rt)
     rows = my_rows(BATCH, rt.rank, rt.world_size)
     ids = prompts()[rows]
-    out = {"experts": (model.first_expert, model.expert_count)}
+    out = {"experts": (model.experts_here.start, len(model.experts_here))}
     with torch.no_grad():
         for schedule in ("overlap", "sequential"):
             model.schedule = schedule
