@@ -27,6 +27,7 @@ import os
 import platform
 import shutil
 import subprocess
+import time
 import warnings
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +42,8 @@ OP = "moeport::fused_experts"
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp")
 #: Tried in order: with glibc's vector math library, then without it (compile flags, link flags).
 VARIANTS = ((("-DMOEPORT_VECTOR_EXPF",), ("-lmvec", "-lm")), ((), ("-lm",)))
+#: A build takes seconds; a lock file this old was left by one that was killed, and would be waited on forever.
+STALE_LOCK_S = 600.0
 
 torch.library.define(
     OP,
@@ -114,10 +117,11 @@ def build(compiler: str | None = None) -> Path | None:
     why = ""
     for index, (cflags, ldflags) in enumerate(VARIANTS):
         directory = folder / f"variant-{index}"
-        library = directory / f"{NAME}.so"
-        if library.exists() and not (directory / "lock").exists():  # built before, and no build in progress
+        library, lock = directory / f"{NAME}.so", directory / "lock"
+        if library.exists() and not lock.exists():  # built before, and no build in progress
             torch.ops.load_library(str(library))
             return library
+        _remove_if_stale(lock)
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with _compiler_named(compiler), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -131,6 +135,16 @@ def build(compiler: str | None = None) -> Path | None:
     warnings.warn(f"building {SOURCE.name} with {compiler} failed, so the CPU experts run on other kernels: {why}",
                   stacklevel=2)
     return None
+
+
+def _remove_if_stale(lock: Path) -> None:
+    """Remove a build's lock file that no live build can still hold (see STALE_LOCK_S)."""
+    try:
+        if time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            warnings.warn(f"removing {lock}, left by a build of {SOURCE.name} that did not finish", stacklevel=3)
+            lock.unlink(missing_ok=True)
+    except FileNotFoundError:
+        pass
 
 
 class CPUFusedExperts:

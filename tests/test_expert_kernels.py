@@ -188,9 +188,13 @@ def test_torch_compile_takes_the_fused_experts_as_one_opaque_call(fused):
 
 
 BUILD_TWICE = textwrap.dedent("""
-    import sys, warnings
+    import os, shutil, sys, warnings
     from moeport.kernels import cpu_fused_experts as kernel
 
+    stale = kernel.build_directory(shutil.which(os.environ.get("CXX") or "c++") or "c++") / "variant-0" / "lock"
+    stale.parent.mkdir(parents=True)
+    stale.touch()  # left by a build that was killed an hour ago
+    os.utime(stale, (stale.stat().st_atime - 3600, stale.stat().st_mtime - 3600))
     first = kernel.build()
     if first is None:
         print("none")
@@ -207,7 +211,9 @@ BUILD_TWICE = textwrap.dedent("""
 
 
 def test_the_build_is_kept_and_a_failed_one_says_why(tmp_path):
-    """In a fresh process: a build registers the operator's CPU kernel, which a test process may hold already."""
+    """In a fresh process (a build registers the operator's CPU kernel, which a test process may hold already):
+    a lock file left by a killed build does not stop it, a second call loads the first build, a failing
+    compiler says why, a missing one is quietly none."""
     failing = tmp_path / "c++"
     failing.write_text("#!/bin/sh\necho 'c++: fatal error: no input' >&2\nexit 1\n")
     failing.chmod(0o755)
