@@ -113,15 +113,14 @@ def build(compiler: str | None = None) -> Path | None:
     compiler = shutil.which(compiler or os.environ.get("CXX") or "c++")
     if compiler is None or not cpp_extension.is_ninja_available():
         return None
-    folder = build_directory(compiler)
+    directories = [build_directory(compiler) / f"variant-{index}" for index in range(len(VARIANTS))]
+    for directory in directories:
+        library = directory / f"{NAME}.so"
+        if library.exists() and not (directory / "lock").exists():  # built before, and no build in progress
+            return _load(library)
     why = ""
-    for index, (cflags, ldflags) in enumerate(VARIANTS):
-        directory = folder / f"variant-{index}"
-        library, lock = directory / f"{NAME}.so", directory / "lock"
-        if library.exists() and not lock.exists():  # built before, and no build in progress
-            torch.ops.load_library(str(library))
-            return library
-        _remove_if_stale(lock)
+    for directory, (cflags, ldflags) in zip(directories, VARIANTS):
+        _remove_if_stale(directory / "lock")
         try:
             directory.mkdir(parents=True, exist_ok=True)
             with _compiler_named(compiler), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
@@ -129,12 +128,22 @@ def build(compiler: str | None = None) -> Path | None:
                 cpp_extension.load(NAME, [str(SOURCE)], extra_cflags=[*FLAGS, *cflags],
                                    extra_ldflags=["-fopenmp", *ldflags], build_directory=str(directory),
                                    is_python_module=False, verbose=False)
-            return library
+            return directory / f"{NAME}.so"
         except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
             why = _why(exc)
     warnings.warn(f"building {SOURCE.name} with {compiler} failed, so the CPU experts run on other kernels: {why}",
                   stacklevel=2)
     return None
+
+
+def _load(library: Path) -> Path | None:
+    """Load a build from before into this process; None (with a warning) where it does not load."""
+    try:
+        torch.ops.load_library(str(library))
+    except OSError as exc:  # e.g. built against a newer OpenMP runtime than the one torch loaded
+        warnings.warn(f"cannot load {library}: {exc}; the CPU experts run on other kernels", stacklevel=3)
+        return None
+    return library
 
 
 def _remove_if_stale(lock: Path) -> None:
