@@ -105,16 +105,32 @@ class Suite:
             return 0
         return (3 * src + dst) % 4  # uneven, with zero-size splits for some pairs
 
-    def all_to_all(self, dtype: torch.dtype, kind: str, async_op: bool = False) -> None:
+    def _a2a_case(self, dtype: torch.dtype, kind: str) -> tuple[torch.Tensor, list[int], list[int], torch.Tensor]:
+        """(rows this rank sends, input splits, output splits, rows it must receive) of an all_to_all of `kind`."""
         w = self.world
         sends = [[self.data(src, self._a2a_splits(src, dst, kind), dtype, salt=dst) for dst in range(w)] for src in range(w)]
-        mine = torch.cat(sends[self.rank])
         ins = [self._a2a_splits(self.rank, d, kind) for d in range(w)]
         outs = [self._a2a_splits(s, self.rank, kind) for s in range(w)]
-        want = torch.cat([sends[src][self.rank] for src in range(w)])
+        return torch.cat(sends[self.rank]), ins, outs, torch.cat([sends[src][self.rank] for src in range(w)])
+
+    def all_to_all(self, dtype: torch.dtype, kind: str, async_op: bool = False) -> None:
+        mine, ins, outs, want = self._a2a_case(dtype, kind)
         result = self.comm.all_to_all(mine, input_splits=ins, output_splits=outs, async_op=async_op)
         got = self._finish_async(result, async_op, "all_to_all")
         _expect(got, want, f"all_to_all({kind})")
+
+    def all_to_all_with_counts(self, dtype: torch.dtype) -> None:
+        """Uneven splits that only the senders know, synchronous, then async into a buffer the caller hands out."""
+        mine, ins, outs, want = self._a2a_case(dtype, "uneven")
+        got, splits = self.comm.all_to_all_with_counts(mine, ins)
+        _expect(got, want, "all_to_all_with_counts")
+        buffer = torch.full((want.shape[0] + 3, want.shape[1]), -1, dtype=dtype, device=self.device)
+        handle = self.comm.all_to_all_with_counts(mine, ins, lambda rows: buffer[:rows], async_op=True)
+        got_async, splits_async = self._finish_async(handle, True, "all_to_all_with_counts")
+        _expect(got_async, want, "async all_to_all_with_counts")
+        if splits != outs or splits_async != outs or got_async.data_ptr() != buffer.data_ptr():
+            raise AssertionError(f"all_to_all_with_counts: splits {splits} / {splits_async}, expected {outs}, or "
+                                 "the rows did not arrive in the buffer given")
 
     def broadcast(self, dtype: torch.dtype) -> None:
         src = self.world - 1
@@ -261,6 +277,7 @@ def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype 
         ("all_to_all.equal", None, True, lambda s, d: s.all_to_all(d, "equal")),
         ("all_to_all.uneven", "uneven_all_to_all", True, lambda s, d: s.all_to_all(d, "uneven")),
         ("all_to_all.empty", None, True, lambda s, d: s.all_to_all(d, "empty")),
+        ("all_to_all.with_counts", "uneven_all_to_all", True, lambda s, d: s.all_to_all_with_counts(d)),
         ("broadcast", None, True, lambda s, d: s.broadcast(d)),
         ("send_recv", None, True, lambda s, d: s.send_recv(d)),
         ("async", "async", True, lambda s, d: s.async_ops(d)),

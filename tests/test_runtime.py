@@ -116,3 +116,50 @@ def test_world_size_flag_disagreeing_with_launcher():
     env = RankEnv(0, 4, 0, "torchrun", "127.0.0.1", 1)
     with pytest.raises(UserError, match="--world-size 2 disagrees with torchrun, which started 4 ranks"):
         Runtime.start(load_profile("cpu-gloo"), requested_world_size=2, rank_env=env)
+
+
+def threads_end_with_their_communicator(rt):
+    """A communicator's threads live while it does and end with its close(): the worker of an async
+    all_to_all_with_counts on a new group, and (MPI) the communication thread of a new world communicator."""
+    import threading
+    import time
+
+    def moeport_threads():
+        return sorted(t.name for t in threading.enumerate() if t.name.startswith("moeport-"))
+
+    def settled(expected):
+        deadline = time.monotonic() + 10
+        while moeport_threads() != expected and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return moeport_threads()
+
+    before = moeport_threads()
+    group = rt.comm.new_group(list(range(rt.world_size)))
+    rows = torch.arange(rt.world_size * 2.0).reshape(-1, 1)
+    got, splits = group.all_to_all_with_counts(rows, [2] * rt.world_size, async_op=True).wait(30)
+    seen = {"before": before, "during": moeport_threads()}
+    group.close()
+    seen["after"] = settled(before)
+    if rt.profile.collectives.library == "mpi":
+        from moeport.collectives.mpi import MPICommunicator
+
+        extra = MPICommunicator.world(timeout_s=30)
+        extra.barrier()
+        seen["second world"] = moeport_threads()
+        extra.close()
+        seen["after closing it"] = settled(before)
+    return seen, splits
+
+
+@pytest.mark.parametrize("profile", ["cpu-gloo", "cpu-mpi"])
+def test_communicators_own_their_threads(profile):
+    if profile == "cpu-mpi":
+        pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
+    for seen, splits in run_ranks(threads_end_with_their_communicator, 2, profile, timeout_s=90):
+        assert splits == [2, 2]
+        library = "mpi" if profile == "cpu-mpi" else "gloo"
+        assert [name for name in seen["during"] if name not in seen["before"]] == [f"moeport-{library}_0"], seen
+        assert seen["after"] == seen["before"], seen
+        if profile == "cpu-mpi":
+            assert seen["second world"].count("moeport-mpi") == seen["before"].count("moeport-mpi") + 1, seen
+            assert seen["after closing it"] == seen["before"], seen
