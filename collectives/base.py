@@ -85,10 +85,12 @@ class FutureHandle(Handle):
         self._op = op
 
     def wait(self, timeout: float | None = None) -> Any:
-        try:
-            return self._future.result(timeout)
-        except concurrent.futures.TimeoutError:
-            raise TimeoutError(f"{self._op} did not complete within {timeout:g} s") from None
+        # wait first, then take the result: a TimeoutError the work itself raised (a collective inside it
+        # that timed out) passes through as it is; only this wait's own deadline is reported here
+        done, _ = concurrent.futures.wait([self._future], timeout)
+        if not done:
+            raise TimeoutError(f"{self._op} did not complete within {timeout:g} s")
+        return self._future.result()
 
     def is_completed(self) -> bool:
         return self._future.done()

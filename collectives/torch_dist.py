@@ -8,8 +8,9 @@ Uses the current API names of the installed torch (`all_gather_single`,
 
 from __future__ import annotations
 
+import contextlib
 import datetime
-from typing import Any, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
@@ -35,30 +36,41 @@ _reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.re
 
 
 def _timed_out(exc: BaseException) -> bool:
+    """Whether a torch.distributed error says the operation timed out (the libraries word it differently)."""
     text = str(exc).lower()
     return "timed out" in text or "timeout" in text
+
+
+@contextlib.contextmanager
+def timeouts_named(op: str, timeout_s: float) -> Iterator[None]:
+    """Inside the block, a torch.distributed error saying it timed out becomes a TimeoutError in moeport's
+    words, `"{op} did not complete within {timeout_s} s"` (the library's own text stays in the chain)."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if _timed_out(exc):
+            raise TimeoutError(f"{op} did not complete within {timeout_s:g} s") from exc
+        raise
 
 
 class TorchWorkHandle(Handle):
     """A torch.distributed Work in flight, with the tensor it will produce."""
 
-    def __init__(self, work: Any, result: Any, op: str) -> None:
+    def __init__(self, work: Any, result: Any, op: str, group_timeout_s: float) -> None:
         self._work = work
         self._result = result
         self._op = op
+        self._group_timeout_s = group_timeout_s
         self._done = False
 
     def wait(self, timeout: float | None = None) -> Any:
         if not self._done:
-            try:
+            waited = self._group_timeout_s if timeout is None else min(timeout, self._group_timeout_s)
+            with timeouts_named(self._op, waited):
                 if timeout is None:
                     self._work.wait()
                 else:
                     self._work.wait(timeout=datetime.timedelta(seconds=timeout))
-            except RuntimeError as exc:
-                if _timed_out(exc):
-                    raise TimeoutError(f"{self._op} did not complete in time: {str(exc).splitlines()[0]}") from exc
-                raise
             self._done = True
         return self._result
 
@@ -92,43 +104,49 @@ class TorchDistCommunicator(Communicator):
         if self.rank not in ranks:
             return None
         members = [self.global_ranks[r] for r in ranks]
-        group = dist.new_group(
-            members, timeout=datetime.timedelta(seconds=self.timeout_s), use_local_synchronization=True
-        )
+        with timeouts_named("new_group", self.timeout_s):
+            group = dist.new_group(
+                members, timeout=datetime.timedelta(seconds=self.timeout_s), use_local_synchronization=True
+            )
         return TorchDistCommunicator(group, self.timeout_s, self.forced_fallbacks)
 
+    def _issued(self, op: str, result: Any, issue: Callable[[], Any]) -> Handle:
+        """Make a torch.distributed call; a timeout already while issuing it (the first call on a group
+        connects to the peers) is a TimeoutError in moeport's words, as one while waiting is."""
+        with timeouts_named(op, self.timeout_s):
+            work = issue()
+        return TorchWorkHandle(work, result, op, self.timeout_s)
+
     def _all_reduce(self, tensor: torch.Tensor, op: ReduceOp) -> Handle:
-        work = dist.all_reduce(tensor, op=_TORCH_OPS[op], group=self.group, async_op=True)
-        return TorchWorkHandle(work, tensor, "all_reduce")
+        return self._issued("all_reduce", tensor, lambda: dist.all_reduce(
+            tensor, op=_TORCH_OPS[op], group=self.group, async_op=True))
 
     def _all_gather(self, tensor: torch.Tensor, output: torch.Tensor) -> Handle:
-        work = _all_gather_single(output, tensor, group=self.group, async_op=True)
-        return TorchWorkHandle(work, output, "all_gather")
+        return self._issued("all_gather", output, lambda: _all_gather_single(
+            output, tensor, group=self.group, async_op=True))
 
     def _reduce_scatter(self, tensor: torch.Tensor, output: torch.Tensor, op: ReduceOp) -> Handle:
-        work = _reduce_scatter_single(output, tensor, op=_TORCH_OPS[op], group=self.group, async_op=True)
-        return TorchWorkHandle(work, output, "reduce_scatter")
+        return self._issued("reduce_scatter", output, lambda: _reduce_scatter_single(
+            output, tensor, op=_TORCH_OPS[op], group=self.group, async_op=True))
 
     def _all_to_all(self, tensor, output, input_splits, output_splits) -> Handle:
         # all_to_all_single: the list form of all_to_all fails on gloo for uneven sizes.
-        work = dist.all_to_all_single(
+        return self._issued("all_to_all", output, lambda: dist.all_to_all_single(
             output, tensor, output_split_sizes=output_splits, input_split_sizes=input_splits,
-            group=self.group, async_op=True,
-        )
-        return TorchWorkHandle(work, output, "all_to_all")
+            group=self.group, async_op=True))
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> Handle:
-        work = dist.broadcast(tensor, src=self.global_ranks[src], group=self.group, async_op=True)
-        return TorchWorkHandle(work, tensor, "broadcast")
+        return self._issued("broadcast", tensor, lambda: dist.broadcast(
+            tensor, src=self.global_ranks[src], group=self.group, async_op=True))
 
     def _barrier(self) -> Handle:
-        return TorchWorkHandle(dist.barrier(group=self.group, async_op=True), None, "barrier")
+        return self._issued("barrier", None, lambda: dist.barrier(group=self.group, async_op=True))
 
     def _send(self, tensor: torch.Tensor, dst: int) -> Handle:
-        return TorchWorkHandle(dist.isend(tensor, dst=self.global_ranks[dst], group=self.group), None, "send")
+        return self._issued("send", None, lambda: dist.isend(tensor, dst=self.global_ranks[dst], group=self.group))
 
     def _recv(self, tensor: torch.Tensor, src: int) -> Handle:
-        return TorchWorkHandle(dist.irecv(tensor, src=self.global_ranks[src], group=self.group), tensor, "recv")
+        return self._issued("recv", tensor, lambda: dist.irecv(tensor, src=self.global_ranks[src], group=self.group))
 
     def close(self) -> None:
         super().close()

@@ -63,7 +63,7 @@ def _check_world_size(profile: Profile, rank_env: RankEnv, requested: int | None
 def _init_torch_distributed(profile: Profile, backend: Backend, rank_env: RankEnv) -> Communicator:
     import torch.distributed as dist
 
-    from moeport.collectives.torch_dist import TorchDistCommunicator
+    from moeport.collectives.torch_dist import TorchDistCommunicator, timeouts_named
 
     name = profile.collectives.backend or backend.default_collectives
     is_available = getattr(dist, "is_backend_available", None)
@@ -88,7 +88,8 @@ def _init_torch_distributed(profile: Profile, backend: Backend, rank_env: RankEn
         kwargs["store"] = _store_over_mpi(rank_env, timeout)
     if backend.device_type != "cpu" and "device_id" in dist.init_process_group.__code__.co_varnames:
         kwargs["device_id"] = backend.device()
-    dist.init_process_group(**kwargs)
+    with timeouts_named(f"joining the {name} process group", profile.collectives.timeout_s):
+        dist.init_process_group(**kwargs)
     return TorchDistCommunicator(timeout_s=profile.collectives.timeout_s, force_fallbacks=profile.collectives.fallbacks)
 
 
