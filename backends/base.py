@@ -102,6 +102,10 @@ class Backend(abc.ABC):
     #: Kernels the device offers the MoE experts beyond torch's operators: {kind:
     #: "package.module:factory"}, kinds and calling conventions as moeport.kernels describes.
     expert_kernels: ClassVar[Mapping[str, str]] = {}
+    #: What the device's collective library lacks natively, by the names of moeport's fallbacks
+    #: ("uneven_all_to_all", "reduce_scatter", "avg", "async"), each then served by its fallback.
+    #: None: recognised from the process group the library gives (its class, else a probe).
+    collective_gaps: ClassVar[frozenset[str] | None] = None
 
     def __init__(self) -> None:
         self._local_rank = 0

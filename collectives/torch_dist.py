@@ -1,9 +1,10 @@
 """Communicator over any torch.distributed ProcessGroup backend.
 
 Works with every backend name torch knows (gloo, nccl, xccl, ucc, mpi) and any a
-vendor registers with `torch.distributed.Backend.register_backend` (hccl, ...).
-Uses the current API names of the installed torch (`all_gather_single`,
-`reduce_scatter_single` since 2.13) and the older names before that.
+vendor registers with `torch.distributed.Backend.register_backend` (hccl, ...); what
+a library lacks is declared by the device's Backend or recognised from the group
+itself (library_gaps.py). Uses the current API names of the installed torch
+(`all_gather_single`, `reduce_scatter_single` since 2.13) and the older names before that.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 import torch.distributed as dist
 
+from moeport.collectives import library_gaps
 from moeport.collectives.base import Communicator, Handle, ReduceOp
 
 _TORCH_OPS = {
@@ -22,13 +24,6 @@ _TORCH_OPS = {
     ReduceOp.AVG: dist.ReduceOp.AVG,
     ReduceOp.MAX: dist.ReduceOp.MAX,
     ReduceOp.MIN: dist.ReduceOp.MIN,
-}
-
-# Operations a torch.distributed backend lacks, served by the base class's declared fallbacks.
-# gloo's reduce_scatter Work never reports completion until waited for (it is a composite
-# finished inside wait()), so async use cannot overlap it; all_reduce + slice can.
-KNOWN_GAPS: dict[str, frozenset[str]] = {
-    "gloo": frozenset({"reduce_scatter"}),
 }
 
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -83,13 +78,18 @@ class TorchDistCommunicator(Communicator):
 
     The world communicator is built after `init_process_group`; subgroups come
     from `new_group`. Every primitive is issued asynchronously; the base class
-    waits for the synchronous calls.
+    waits for the synchronous calls. `gaps`: what the library lacks, as its device's
+    Backend declares it (keys of FALLBACKS); None recognises them from the group, which
+    may run a probe that every member joins. Subgroups keep the world's gaps.
     """
 
-    def __init__(self, group: Any = None, timeout_s: float = 60.0, force_fallbacks: Iterable[str] = ()) -> None:
+    def __init__(
+        self, group: Any = None, timeout_s: float = 60.0, force_fallbacks: Iterable[str] = (),
+        gaps: Iterable[str] | None = None,
+    ) -> None:
         group = group if group is not None else dist.group.WORLD
         self._backend_name = str(dist.get_backend(group))
-        self.lacks = KNOWN_GAPS.get(self._backend_name, frozenset())
+        self.lacks = frozenset(gaps) if gaps is not None else library_gaps.recognise(group, timeout_s)
         super().__init__(
             dist.get_rank(group), dist.get_world_size(group), dist.get_process_group_ranks(group),
             timeout_s, force_fallbacks,
@@ -108,7 +108,7 @@ class TorchDistCommunicator(Communicator):
             group = dist.new_group(
                 members, timeout=datetime.timedelta(seconds=self.timeout_s), use_local_synchronization=True
             )
-        return TorchDistCommunicator(group, self.timeout_s, self.forced_fallbacks)
+        return TorchDistCommunicator(group, self.timeout_s, self.forced_fallbacks, gaps=self.lacks)
 
     def _issued(self, op: str, result: Any, issue: Callable[[], Any]) -> Handle:
         """Make a torch.distributed call; a timeout already while issuing it (the first call on a group

@@ -8,13 +8,18 @@ library under test. A cell of the matrix (operation x dtype) is:
 - fallback:    a declared fallback served it and gave the exact answer;
 - unsupported: the backend does not claim the dtype, the operation does not apply to it, or
                the device offers no kernel of that kind for it (the experts' kernels are optional);
-- FAIL:        a wrong answer or an error (the suite then exits 1).
+- FAIL:        a wrong answer or an error (the suite then exits 1); where a declared gap of the
+               library would serve the operation by a fallback instead, the cell says which.
+
+Each cell has its own short deadline (CELL_TIMEOUT_S for a collective, ASYNC_REPORT_S for an
+async one to report completion by itself), so a failing cell costs seconds, not the profile's
+collective timeout; an async operation that never reports completion is still waited for, so
+the ranks stay in step for the cells after it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from typing import Any, Callable
 
@@ -22,6 +27,7 @@ import torch
 
 from moeport.base.dtypes import MODEL_DTYPES
 from moeport.collectives.base import Communicator, ReduceOp
+from moeport.conformance_matrix import failed, format_matrix, merge, report, to_json
 from moeport.kernels import KINDS
 from moeport.kernels.checks import verify
 from moeport.runtime import Runtime
@@ -29,7 +35,10 @@ from moeport.runtime import Runtime
 #: The model's dtypes, and an integer one (the collectives also move ids and counts).
 DTYPES = (*MODEL_DTYPES, "int64")
 NO_DTYPE = "-"
-STATUS_ORDER = ("pass", "fallback", "unsupported", "FAIL")
+#: A collective's deadline inside the suite (the profile's timeout, if shorter), and how long an async one
+#: may take to report completion by itself, in seconds.
+CELL_TIMEOUT_S = 10.0
+ASYNC_REPORT_S = 2.0
 # (operation, dtype) pairs that have no meaning: an average of integers, integer hidden states.
 NOT_APPLICABLE = {("all_reduce.avg", "int64"), ("dispatch_combine", "int64")} | {
     (f"experts.{kind}", "int64") for kind in KINDS}
@@ -37,6 +46,15 @@ NOT_APPLICABLE = {("all_reduce.avg", "int64"), ("dispatch_combine", "int64")} | 
 
 class NotOffered(Exception):
     """Raised by a check of something optional the device does not offer: its cell is "unsupported"."""
+
+
+class NeverReported(AssertionError):
+    """An async operation did not report completion by itself; `gap` is the fallback that would serve it."""
+
+    def __init__(self, op: str, gap: str) -> None:
+        super().__init__(f"async {op} never reported completion within {ASYNC_REPORT_S:g} s (it completed when "
+                         "waited for)")
+        self.gap = gap
 
 
 @dataclasses.dataclass
@@ -123,10 +141,10 @@ class Suite:
         """Uneven splits that only the senders know, synchronous, then async into a buffer the caller hands out."""
         mine, ins, outs, want = self._a2a_case(dtype, "uneven")
         got, splits = self.comm.all_to_all_with_counts(mine, ins)
-        _expect(got, want, "all_to_all_with_counts")
         buffer = torch.full((want.shape[0] + 3, want.shape[1]), -1, dtype=dtype, device=self.device)
         handle = self.comm.all_to_all_with_counts(mine, ins, lambda rows: buffer[:rows], async_op=True)
         got_async, splits_async = self._finish_async(handle, True, "all_to_all_with_counts")
+        _expect(got, want, "all_to_all_with_counts")
         _expect(got_async, want, "async all_to_all_with_counts")
         if splits != outs or splits_async != outs or got_async.data_ptr() != buffer.data_ptr():
             raise AssertionError(f"all_to_all_with_counts: splits {splits} / {splits_async}, expected {outs}, or "
@@ -158,24 +176,37 @@ class Suite:
         self.comm.barrier(async_op=True).wait(self.comm.timeout_s)
 
     def _finish_async(self, result: Any, async_op: bool, what: str) -> torch.Tensor:
+        """The result of an op; an async one must report completion by itself within ASYNC_REPORT_S
+        (else NeverReported, raised only after waiting for it, so the ranks stay in step)."""
         if not async_op:
             return result
-        deadline = time.monotonic() + self.comm.timeout_s
-        while not result.is_completed():
-            if time.monotonic() > deadline:
-                raise AssertionError(f"async {what} never reported completion")
+        got, late = self._finish(result, what)
+        if late is not None:
+            raise late
+        return got
+
+    def _finish(self, handle: Any, what: str) -> tuple[Any, NeverReported | None]:
+        """Wait for an async op: (its result, NeverReported if it did not report completion by itself in time)."""
+        deadline = time.monotonic() + ASYNC_REPORT_S
+        while not handle.is_completed() and time.monotonic() < deadline:
             time.sleep(0.001)
-        return result.wait(self.comm.timeout_s)
+        late = None if handle.is_completed() else NeverReported(what, "reduce_scatter" if what == "reduce_scatter"
+                                                                 else "async")
+        return handle.wait(self.comm.timeout_s), late
 
     def async_ops(self, dtype: torch.dtype) -> None:
-        """all_reduce, all_gather and reduce_scatter issued together, completed out of order."""
+        """all_reduce, all_gather and reduce_scatter issued together, completed out of order (each waited for
+        before any is judged, so a failing one leaves none in flight)."""
         reduce_in = self.data(self.rank, 4, dtype, salt=3)
         h_reduce = self.comm.all_reduce(reduce_in, async_op=True)
         h_gather = self.comm.all_gather(self.data(self.rank, 2, dtype), async_op=True)
         h_scatter = self.comm.reduce_scatter(self.data(self.rank, 2 * self.world, dtype), async_op=True)
-        gathered = self._finish_async(h_gather, True, "all_gather")
-        scattered = self._finish_async(h_scatter, True, "reduce_scatter")
-        reduced = self._finish_async(h_reduce, True, "all_reduce")
+        (gathered, late_gather), (scattered, late_scatter), (reduced, late_reduce) = (
+            self._finish(h_gather, "all_gather"), self._finish(h_scatter, "reduce_scatter"),
+            self._finish(h_reduce, "all_reduce"))
+        for late in (late_gather, late_scatter, late_reduce):
+            if late is not None:
+                raise late
         total = sum(self.data(r, 4, dtype, salt=3).to(torch.float64) for r in range(self.world)).to(dtype)
         _expect(reduced, total, "async all_reduce")
         _expect(gathered, torch.cat([self.data(r, 2, dtype) for r in range(self.world)]), "async all_gather")
@@ -292,68 +323,41 @@ def _checks() -> list[tuple[str, str | None, bool, Callable[[Suite, torch.dtype 
 
 
 def run_suite(rt: Runtime) -> dict[str, dict[str, dict[str, str]]]:
-    """Run every check on this rank; returns {operation: {dtype: {"status", "detail"}}}."""
+    """Run every check on this rank, each collective under the cell deadline; returns
+    {operation: {dtype: {"status", "detail"}}}."""
     suite = Suite(rt)
     claimed = set(rt.backend.capabilities.dtypes) | {"int64"}
     matrix: dict[str, dict[str, dict[str, str]]] = {}
-    for name, fallback, takes_dtype, check in _checks():
-        row: dict[str, dict[str, str]] = {}
-        for dtype_name in (DTYPES if takes_dtype else (NO_DTYPE,)):
-            if takes_dtype and (dtype_name not in claimed or (name, dtype_name) in NOT_APPLICABLE):
-                row[dtype_name] = dataclasses.asdict(Cell("unsupported"))
-                continue
-            dtype = getattr(torch, dtype_name) if takes_dtype else None
-            try:
-                check(suite, dtype)
-                status = "fallback" if fallback is not None and fallback in suite.comm.fallbacks else "pass"
-                cell = Cell(status)
-            except NotOffered as exc:
-                cell = Cell("unsupported", str(exc))
-            except Exception as exc:  # a wrong answer or an error: the cell fails, the suite goes on
-                cell = Cell("FAIL", f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
-            row[dtype_name] = dataclasses.asdict(cell)
-        matrix[name] = row
+    profile_timeout, suite.comm.timeout_s = suite.comm.timeout_s, min(suite.comm.timeout_s, CELL_TIMEOUT_S)
+    try:
+        for name, fallback, takes_dtype, check in _checks():
+            row: dict[str, dict[str, str]] = {}
+            for dtype_name in (DTYPES if takes_dtype else (NO_DTYPE,)):
+                if takes_dtype and (dtype_name not in claimed or (name, dtype_name) in NOT_APPLICABLE):
+                    row[dtype_name] = dataclasses.asdict(Cell("unsupported"))
+                    continue
+                dtype = getattr(torch, dtype_name) if takes_dtype else None
+                row[dtype_name] = dataclasses.asdict(_cell(suite, check, dtype, fallback))
+            matrix[name] = row
+    finally:
+        suite.comm.timeout_s = profile_timeout
     return matrix
 
 
-def merge(per_rank: list[dict[str, dict[str, dict[str, str]]]]) -> dict[str, dict[str, dict[str, str]]]:
-    """One matrix from every rank's: a cell takes its worst status; a FAIL names the rank."""
-    merged: dict[str, dict[str, dict[str, str]]] = {}
-    for rank, matrix in enumerate(per_rank):
-        for op, row in matrix.items():
-            for dtype, cell in row.items():
-                current = merged.setdefault(op, {}).get(dtype)
-                if current is None or STATUS_ORDER.index(cell["status"]) > STATUS_ORDER.index(current["status"]):
-                    detail = f"rank {rank}: {cell['detail']}" if cell["detail"] else ""
-                    merged[op][dtype] = {"status": cell["status"], "detail": detail}
-    return merged
+def _cell(suite: Suite, check: Callable[[Suite, Any], None], dtype: torch.dtype | None, fallback: str | None) -> Cell:
+    """One check's outcome; a FAIL that a declared gap would turn into a fallback says which to declare."""
+    try:
+        check(suite, dtype)
+    except NotOffered as exc:
+        return Cell("unsupported", str(exc))
+    except Exception as exc:  # a wrong answer or an error: the cell fails, the suite goes on
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        gap = getattr(exc, "gap", fallback)
+        if gap is not None and gap not in suite.comm.fallbacks:
+            detail += (f"; if the library lacks this, declare it on the Backend class: collective_gaps = "
+                       f"frozenset({{{gap!r}}}) (or try collectives.fallbacks: [{gap}] in the profile)")
+        return Cell("FAIL", detail)
+    return Cell("fallback" if fallback is not None and fallback in suite.comm.fallbacks else "pass")
 
 
-def failed(matrix: dict[str, dict[str, dict[str, str]]]) -> bool:
-    """Whether any cell failed."""
-    return any(cell["status"] == "FAIL" for row in matrix.values() for cell in row.values())
-
-
-def format_matrix(matrix: dict[str, dict[str, dict[str, str]]]) -> str:
-    """The matrix as an aligned text table, failures listed below it."""
-    columns = list(DTYPES) + [NO_DTYPE]
-    used = [c for c in columns if any(c in row for row in matrix.values())]
-    width = max(len(op) for op in matrix)
-    lines = [f"{'operation':<{width}}  " + "  ".join(f"{c:<11}" for c in used)]
-    for op, row in matrix.items():
-        lines.append(f"{op:<{width}}  " + "  ".join(f"{row.get(c, {'status': ''})['status']:<11}" for c in used))
-    for op, row in matrix.items():
-        for dtype, cell in row.items():
-            if cell["status"] == "FAIL":
-                lines.append(f"FAIL {op} [{dtype}]: {cell['detail']}")
-    return "\n".join(line.rstrip() for line in lines)
-
-
-def report(rt_info: dict[str, Any], matrix: dict[str, dict[str, dict[str, str]]]) -> dict[str, Any]:
-    """The JSON document `moeport conformance --json` writes."""
-    return {**rt_info, "passed": not failed(matrix), "results": matrix}
-
-
-def to_json(document: dict[str, Any]) -> str:
-    """Stable JSON text of a report."""
-    return json.dumps(document, indent=2, sort_keys=False)
+__all__ = ["Suite", "failed", "format_matrix", "merge", "report", "run_suite", "to_json"]

@@ -17,7 +17,7 @@ from moeport.backends.base import Backend
 from moeport.backends.registry import Selection, select
 from moeport.base.dtypes import torch_dtype
 from moeport.base.errors import UserError
-from moeport.collectives.base import Communicator
+from moeport.collectives.base import FALLBACKS, Communicator
 from moeport.collectives.local import LocalCommunicator
 from moeport.launch import RankEnv, detect_rank_env
 from moeport.model.context import ModelContext
@@ -66,6 +66,7 @@ def _init_torch_distributed(profile: Profile, backend: Backend, rank_env: RankEn
     from moeport.collectives.torch_dist import TorchDistCommunicator, timeouts_named
 
     name = profile.collectives.backend or backend.default_collectives
+    gaps = _declared_gaps(backend)
     is_available = getattr(dist, "is_backend_available", None)
     if is_available is not None and not is_available(name):
         raise UserError(
@@ -90,7 +91,22 @@ def _init_torch_distributed(profile: Profile, backend: Backend, rank_env: RankEn
         kwargs["device_id"] = backend.device()
     with timeouts_named(f"joining the {name} process group", profile.collectives.timeout_s):
         dist.init_process_group(**kwargs)
-    return TorchDistCommunicator(timeout_s=profile.collectives.timeout_s, force_fallbacks=profile.collectives.fallbacks)
+    return TorchDistCommunicator(timeout_s=profile.collectives.timeout_s, force_fallbacks=profile.collectives.fallbacks,
+                                 gaps=gaps)
+
+
+def _declared_gaps(backend: Backend) -> frozenset[str] | None:
+    """The gaps the backend declares for its collective library (None: recognised from the group); an
+    unknown name is the plugin's mistake, named with its class."""
+    gaps = type(backend).collective_gaps
+    if gaps is None:
+        return None
+    unknown = sorted(set(gaps) - set(FALLBACKS))
+    if unknown:
+        owner = f"{type(backend).__module__}:{type(backend).__qualname__}"
+        raise UserError(f"backend {owner}: collective_gaps: unknown {unknown[0]!r}; expected some of "
+                        f"{', '.join(FALLBACKS)}")
+    return frozenset(gaps)
 
 
 def _store_over_mpi(rank_env: RankEnv, timeout: datetime.timedelta) -> Any:
