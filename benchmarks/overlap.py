@@ -71,7 +71,10 @@ def measure(rt, batch: int, length: int, repeats: int) -> dict:
 
 
 def report(name: str, results: list[dict]) -> None:
-    """Print the medians over repeats, taking each repeat's slowest rank (the step ends when all ranks are done)."""
+    """Print the medians over repeats, taking each repeat's slowest rank (the step ends when all ranks are done);
+    nothing where this process holds no results (a rank other than 0 under torchrun or mpiexec)."""
+    if not results:
+        return
     print(f"profile {name}:")
     for phase in ("prefill", "decode"):
         medians = {}
