@@ -14,13 +14,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Iterable
+import struct
+from collections.abc import Iterable
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from moeport.base.atomic import atomic_path, write_text
+from moeport.base.atomic import atomic_path, make_folder, write_text
 from moeport.base.errors import UserError
 from moeport.collectives.expert_layout import ExpertLayout
 from moeport.model.config import LongcatConfig
@@ -33,20 +34,72 @@ _EXPERT = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate|up|down
 _IGNORED = re.compile(r"^model\.mtp\.")
 
 
+def _layout_problem(file: str) -> str | None:
+    """What is wrong with `file` as a safetensors file, in words, judged from its size and header; None if nothing shows.
+
+    The layout: an 8-byte little-endian header length N, N bytes of JSON header giving each
+    tensor's data_offsets, then the tensors' data, which must end exactly where the last one does.
+    """
+    size = os.path.getsize(file)
+    if size < 8:
+        return f"truncated ({size} bytes, shorter than the 8-byte header length)"
+    with open(file, "rb") as f:
+        (header_size,) = struct.unpack("<Q", f.read(8))
+        if header_size > size - 8:
+            return f"truncated or corrupt (its header length says {header_size} bytes, the file has {size} in all)"
+        try:
+            header = json.loads(f.read(header_size))
+            data_size = max((int(t["data_offsets"][1]) for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "corrupt header (expected a JSON object of tensor names, dtypes, shapes and data offsets)"
+    expected = 8 + header_size + data_size
+    if size < expected:
+        return f"truncated ({size} bytes, its header describes {expected})"
+    if size > expected:
+        return f"{size - expected} bytes past the {expected} its header describes"
+    return None
+
+
+def _open(file: str):
+    """safe_open(file), or a UserError naming `file` and what is wrong with it (missing, unreadable, truncated, corrupt)."""
+    try:
+        return safe_open(file, "pt")
+    except FileNotFoundError:
+        raise UserError(f"{file}: no such file") from None
+    except OSError as exc:
+        raise UserError(f"{file}: cannot read it ({exc.strerror or exc})") from None
+    except SafetensorError as exc:
+        detail = str(exc).removeprefix("Error while deserializing header: ")
+        problem = _layout_problem(file) or f"its header does not describe valid tensors ({detail})"
+        raise UserError(f"{file}: not a valid safetensors file: {problem}") from None
+
+
+def _index_files(path: str, index: str) -> dict[str, str]:
+    """Tensor name -> file, from the index `index` of checkpoint `path`; every file it names must exist."""
+    try:
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UserError(f"{index}: not a valid safetensors index ({exc})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise UserError(f"{index}: not a valid safetensors index (weight_map must map tensor names to file names)")
+    files = {name: os.path.join(path, file) for name, file in weight_map.items()}
+    for file in sorted(set(files.values())):
+        if not os.path.isfile(file):
+            count = sum(1 for f in files.values() if f == file)
+            raise UserError(f"{file}: no such file, though {INDEX_FILE} places {count} tensors in it")
+    return files
+
+
 def tensor_files(path: str) -> dict[str, str]:
-    """Tensor name -> file holding it, for a checkpoint directory."""
+    """Tensor name -> file holding it, for a checkpoint directory (a UserError if a file is missing or unreadable)."""
     index = os.path.join(path, INDEX_FILE)
     if os.path.isfile(index):
-        try:
-            with open(index) as f:
-                weight_map = json.load(f)["weight_map"]
-        except (OSError, ValueError, KeyError) as exc:
-            raise UserError(f"{index}: not a valid safetensors index ({exc})") from None
-        return {name: os.path.join(path, file) for name, file in weight_map.items()}
+        return _index_files(path, index)
     single = os.path.join(path, SINGLE_FILE)
     if not os.path.isfile(single):
         raise UserError(f"{path}: no {SINGLE_FILE} and no {INDEX_FILE}")
-    with safe_open(single, "pt") as f:
+    with _open(single) as f:
         return {name: single for name in f.keys()}
 
 
@@ -85,14 +138,28 @@ def _is_known_extra(name: str, config: LongcatConfig) -> bool:
     return kind in ("gate", "up") and expert < config.num_experts_total
 
 
+def _get_tensor(f, file: str, name: str) -> torch.Tensor:
+    """Tensor `name` of the open safetensors file `file`, or a UserError naming both."""
+    try:
+        return f.get_tensor(name)
+    except SafetensorError as exc:
+        raise UserError(f"{file}: tensor {name} cannot be read ({exc})") from None
+
+
 def _read(files: dict[str, str], names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor, str]]:
+    """(name, tensor, file) for each of `names`, file by file; a UserError for a file that lacks one the index places there."""
     by_file: dict[str, list[str]] = {}
     for name in names:
         by_file.setdefault(files[name], []).append(name)
     for file, group in by_file.items():
-        with safe_open(file, "pt") as f:
+        with _open(file) as f:
+            held = set(f.keys())
+            absent = [name for name in group if name not in held]
+            if absent:
+                more = f" (and {len(absent) - 1} more)" if len(absent) > 1 else ""
+                raise UserError(f"{file}: no tensor {absent[0]}{more}, though {INDEX_FILE} places it in this file")
             for name in group:
-                yield name, f.get_tensor(name), file
+                yield name, _get_tensor(f, file, name), file
 
 
 def load_weights(model: LongcatForCausalLM, path: str) -> None:
@@ -170,6 +237,17 @@ def config_json(config: LongcatConfig) -> str:
     return json.dumps(data, indent=2, sort_keys=True) + "\n"
 
 
+def _save_file(tensors: dict[str, torch.Tensor], tmp: str) -> None:
+    """safetensors' save_file, whose failed write (an I/O SafetensorError) is raised as the OSError it wraps."""
+    try:
+        save_file(tensors, tmp, metadata={"format": "pt"})
+    except SafetensorError as exc:
+        number = re.search(r"\(os error (\d+)\)", str(exc))
+        if number is None:
+            raise
+        raise OSError(int(number.group(1)), os.strerror(int(number.group(1))), tmp) from exc
+
+
 def save_pretrained(
     model: LongcatForCausalLM, path: str, rank: int = 0, world_size: int = 1, zero_expert_slots: bool = False
 ) -> None:
@@ -182,17 +260,20 @@ def save_pretrained(
     call this with their rank: each writes the shard with its experts (rank 0's also
     holds the shared tensors) and rank 0 writes config.json and the index; the caller
     must make every rank finish before the directory is used.
+
+    A file that cannot be written is a WriteError naming it and the cause; the
+    file that was at its path before is then intact.
     """
-    os.makedirs(path, exist_ok=True)
+    make_folder(path)
     tensors = checkpoint_tensors(model, shared=rank == 0, zero_expert_slots=zero_expert_slots)
     if world_size == 1:
         with atomic_path(os.path.join(path, SINGLE_FILE)) as tmp:
-            save_file(tensors, tmp, metadata={"format": "pt"})
+            _save_file(tensors, tmp)
         write_text(os.path.join(path, "config.json"), config_json(model.config))
         return
     shard = f"model-{rank + 1:05d}-of-{world_size:05d}.safetensors"
     with atomic_path(os.path.join(path, shard)) as tmp:
-        save_file(tensors, tmp, metadata={"format": "pt"})
+        _save_file(tensors, tmp)
     if rank == 0:
         c = model.config
         weight_map: dict[str, str] = {name: shard for name in tensors}

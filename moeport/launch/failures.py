@@ -4,8 +4,9 @@ A rank's report is a tuple, plain-picklable:
 
 - `("ok", result)` when the rank's job returned `result` (`ok_report`);
 - `("error", summary, details, user_error)` when it raised (`error_report`):
-  `summary` is one line naming the error, `details` the full traceback and
-  `user_error` whether it was a `UserError` (the user's input was wrong).
+  `summary` is one line naming the error (the message alone for a `UserError`
+  or a `WriteError`), `details` the full traceback and `user_error` whether it
+  was a `UserError` (the user's input was wrong: exit 2; else exit 1).
 
 `failure_from_report` turns an error report into the `RankFailure` the
 launcher raises. `spawn` sends reports over a pipe, `spawn_mpiexec`'s ranks
@@ -19,7 +20,7 @@ import signal
 import traceback
 from typing import Any
 
-from moeport.base.errors import UserError
+from moeport.base.errors import UserError, WriteError
 
 
 class RankFailure(Exception):
@@ -46,11 +47,15 @@ def ok_report(result: Any) -> tuple[str, Any]:
 def error_report(exc: BaseException) -> tuple[str, str, str, bool]:
     """The report of a rank whose job raised `exc`: ("error", summary, details, user_error).
 
-    The summary is the message of a UserError, else the last line Python prints
-    for the exception ("ValueError: ..."); details is the full traceback.
+    The summary is the message of a UserError or a WriteError (already one line
+    naming the file and the cause), else the last line Python prints for the
+    exception ("ValueError: ..."); details is the full traceback.
     """
-    lines = traceback.format_exception_only(type(exc), exc)
-    summary = str(exc) if isinstance(exc, UserError) else (lines[-1].strip() if lines else type(exc).__name__)
+    if isinstance(exc, (UserError, WriteError)):
+        summary = str(exc)
+    else:
+        lines = traceback.format_exception_only(type(exc), exc)
+        summary = lines[-1].strip() if lines else type(exc).__name__
     details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
     return ("error", summary, details, isinstance(exc, UserError))
 
