@@ -16,7 +16,7 @@ import torch
 
 import moeport
 from moeport.base.dtypes import torch_dtype
-from moeport.base.errors import UserError
+from moeport.base.errors import UserError, WriteError
 from moeport.launch import RankFailure
 from moeport.model.schedule import SCHEDULES
 
@@ -142,16 +142,22 @@ def _read_tokens(path: str, vocab_size: int):
 
 
 def _save_npy(path: str, array) -> None:
+    """Write `array` as a .npy file at `path`, atomically; a WriteError naming the cause if that fails."""
+    from types import SimpleNamespace
+
     import numpy as np
 
     from moeport.base.atomic import atomic_path
 
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, array)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        # through write() alone: numpy's C tofile() on a real file reports a failed write as
+        # "24576 requested and 11232 written", without the errno that names the cause
+        np.save(SimpleNamespace(write=f.write), array)
 
 
 def _rank0(results: list) -> Any:
+    """Rank 0's result of `run_on_ranks`, or None in a process that holds no results (the other ranks of a
+    torchrun / mpiexec job), which then prints and writes nothing."""
     return results[0] if results else None
 
 
@@ -188,14 +194,14 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from moeport.jobs import run_job, run_on_ranks
+    from moeport.jobs import launched_profile, run_job, run_on_ranks
     from moeport.report import print_run_report
 
     if args.iterations < 1:
         raise UserError(f"--iterations: expected a positive integer, got {args.iterations}")
     profile, config = _load(args)
     results = run_on_ranks(run_job, (args.iterations, args.batch, args.prompt_length), profile, args.world_size)
-    print_run_report(profile, results, as_json=args.json, trace_dir=args.trace)
+    print_run_report(launched_profile(profile), results, as_json=args.json, trace_dir=args.trace)
     return 0
 
 
@@ -208,11 +214,14 @@ def _conformance(args: argparse.Namespace) -> int:
         run_suite,
         to_json,
     )
-    from moeport.jobs import run_on_ranks
+    from moeport.jobs import launched_profile, run_on_ranks
     from moeport.profile import load_profile
 
     profile = load_profile(args.profile, args.world_size)
     per_rank = run_on_ranks(run_suite, (), profile, args.world_size)
+    if not per_rank:  # another rank of a torchrun / mpiexec job: rank 0 reports for the job
+        return 0
+    profile = launched_profile(profile)
     matrix = merge(per_rank)
     print(f"conformance: profile {profile.source}, {profile.world_size} ranks, backend {profile.backend}")
     print(format_matrix(matrix))
@@ -283,13 +292,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one moeport command; returns its exit code."""
+    """Run one moeport command; returns its exit code (0 done, 1 the run or a write failed, 2 the input was wrong)."""
     try:
         args = build_parser().parse_args(argv)
         return args.func(args)
     except UserError as exc:
         print(f"moeport: error: {exc}", file=sys.stderr)
         return 2
+    except WriteError as exc:
+        print(f"moeport: error: {exc}", file=sys.stderr)
+        return 1
     except RankFailure as failure:
         print(f"moeport: error: {failure}", file=sys.stderr)
         return 2 if failure.user_error else 1

@@ -3,10 +3,13 @@
 `run_on_ranks` starts the job the way the environment asks: in this process when
 torchrun or mpiexec started it (each rank runs its own share) or when one rank is
 enough, on spawned local processes otherwise (under mpiexec for the MPI library).
+Either way the job's results reach one process: the launcher of spawned ranks,
+or rank 0 of ranks an outside launcher started (`gather_on_rank0`).
 """
 
 from __future__ import annotations
 
+import pickle
 import time
 from typing import Any, Callable, Sequence
 
@@ -26,6 +29,59 @@ def run_in_runtime(profile: Profile, fn: Callable[..., Any], args: Sequence[Any]
         return fn(rt, *args)
 
 
+def gather_on_rank0(rt: Runtime, value: Any) -> list[Any] | None:
+    """Every rank's `value` (picklable), in rank order, on rank 0; None on the others.
+
+    A collective over the Runtime's world communicator: every rank calls it at
+    the same point. Each value travels pickled, as uint8 rows padded to the
+    longest; rank 0's own value does not travel.
+    """
+    payload = b"" if rt.rank == 0 else pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    sizes = _gather_sizes(rt, len(payload))
+    most = max(sizes)
+    everything = _gather_bytes(rt, payload, most)
+    if rt.rank != 0:
+        return None
+    others = [pickle.loads(everything[r * most: r * most + sizes[r]]) for r in range(1, rt.world_size)]
+    return [value, *others]
+
+
+def _gather_sizes(rt: Runtime, size: int) -> list[int]:
+    """Every rank's payload size in bytes, in rank order, on every rank."""
+    mine = torch.tensor([size], dtype=torch.int64, device=rt.device)
+    return [int(n) for n in rt.comm.all_gather(mine).cpu().tolist()]
+
+
+def _gather_bytes(rt: Runtime, payload: bytes, most: int) -> bytes:
+    """Every rank's payload padded to `most` bytes, concatenated in rank order (nothing travels when `most` is 0)."""
+    if most == 0:
+        return b""
+    padded = torch.zeros(most, dtype=torch.uint8)
+    if payload:
+        padded[: len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+    return rt.comm.all_gather(padded.to(rt.device)).cpu().numpy().tobytes()
+
+
+def run_and_gather(rt: Runtime, fn: Callable[..., Any], *args: Any) -> list[Any]:
+    """`fn(rt, *args)` on this rank, then every rank's result on rank 0 (in rank order); [] on the others.
+
+    What each rank of a torchrun / mpiexec job runs, so that one process holds the whole job's results.
+    """
+    gathered = gather_on_rank0(rt, fn(rt, *args))
+    return [] if gathered is None else gathered
+
+
+def launched_profile(profile: Profile) -> Profile:
+    """`profile` with the world size of the ranks torchrun / mpiexec started, as the job ran it; unchanged otherwise.
+
+    For reports written after `run_on_ranks`, whose ranks took the launcher's world size.
+    """
+    env = detect_rank_env()
+    if env.launcher in ("torchrun", "mpiexec"):
+        return profile.with_world_size(env.world_size)
+    return profile
+
+
 def start_ranks(
     fn: Callable[..., Any], args: Sequence[Any], profile: Profile, timeout_s: float | None = None
 ) -> list[Any]:
@@ -40,14 +96,15 @@ def run_on_ranks(
     fn: Callable[..., Any], args: Sequence[Any], profile: Profile, requested_world_size: int | None = None,
     timeout_s: float | None = None,
 ) -> list[Any]:
-    """Run `fn(runtime, *args)` on every rank; returns the results this process can see, in rank order.
+    """Run `fn(runtime, *args)` on every rank; returns every rank's result, in rank order, to one process.
 
-    Under torchrun / mpiexec that is this rank's result alone; for spawned ranks, all of them.
+    For spawned ranks (or one rank) that is this process. Under torchrun / mpiexec it
+    is rank 0, which gathers them over the job's communicator; the other ranks get [].
     """
     env = detect_rank_env()
     if env.launcher in ("torchrun", "mpiexec"):
         try:
-            return [run_in_runtime(profile, fn, args, requested_world_size)]
+            return run_in_runtime(profile, run_and_gather, (fn, *args), requested_world_size)
         except (UserError, KeyboardInterrupt):
             raise
         except Exception as exc:  # this rank noticed the failure: one line naming it, exit 1

@@ -6,7 +6,7 @@ import json
 import os
 from typing import Any
 
-from moeport.base.atomic import atomic_path, write_text
+from moeport.base.atomic import atomic_path, make_folder, write_text
 from moeport.launch import detect_rank_env
 from moeport.profile import Profile
 
@@ -45,7 +45,7 @@ def chrome_trace(rank: int, spans: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_traces(trace_dir: str, results: list[dict[str, Any]], title: str) -> list[str]:
     """One Chrome trace JSON per rank and, with matplotlib installed, a PNG of all ranks; returns the paths."""
-    os.makedirs(trace_dir, exist_ok=True)
+    make_folder(trace_dir)
     written = []
     for r in results:
         path = os.path.join(trace_dir, f"trace-rank{r['rank']}.json")
@@ -81,7 +81,7 @@ def write_traces(trace_dir: str, results: list[dict[str, Any]], title: str) -> l
 
 
 def totals(profile: Profile, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """The figures of a run, over every rank this process saw."""
+    """The figures of a run, over every rank's result in `results` (all the job's ranks, from `run_on_ranks`)."""
     decode = max(r["decode_seconds"] for r in results)
     generated = sum(r["generated_tokens"] for r in results)
     timeline = [r["timeline"] for r in results]
@@ -103,9 +103,12 @@ def totals(profile: Profile, results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def print_run_report(profile: Profile, results: list[dict[str, Any]], as_json: bool = False, trace_dir: str | None = None) -> None:
-    """Print the run's summary (on rank 0 only when an outside launcher started the ranks)."""
+    """Print the run's summary once per job: where the results are (rank 0 when an outside launcher started the ranks).
+
+    Prints nothing for no results (the other ranks of a torchrun / mpiexec job).
+    """
     env = detect_rank_env()
-    if env.launcher in ("torchrun", "mpiexec") and env.rank != 0:
+    if not results or (env.launcher in ("torchrun", "mpiexec") and env.rank != 0):
         return
     figures = totals(profile, results)
     print(
