@@ -172,5 +172,6 @@ def pick_next_token(
         ordered, order = scores.sort(dim=-1, descending=True)
         cumulative = ordered.softmax(-1).cumsum(-1)
         drop = cumulative - ordered.softmax(-1) >= top_p
+        drop[..., 0] = False  # the most likely token reaches any top_p: top_p <= 0 is greedy, not an empty set
         scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)

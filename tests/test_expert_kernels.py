@@ -1,8 +1,17 @@
-"""Devices' expert kernels: the lookup that checks them, MKL's grouped matmul and the fused CPU experts."""
+"""Devices' expert kernels: the lookup that checks them, MKL's grouped matmul and the fused CPU experts.
+
+Whether this machine must have each CPU kernel is decided from the machine itself
+(`missing_prerequisites`: a C++ compiler, ninja, the MKL symbols in torch's CPU
+library, torch's own grouped matmul), never from the kernels' availability checks:
+where everything a kernel needs is here and the kernel is not (a build that fails,
+a probe that refuses), its tests fail; they skip only where a prerequisite is
+truly missing, and say which.
+"""
 
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -10,11 +19,69 @@ import textwrap
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils import cpp_extension
 
 from moeport.backends.cpu import CPUBackend
 from moeport.base.errors import UserError
-from moeport.kernels import HOST_CPU, cpu_fused_experts, mkl_grouped_matmul
+from moeport.kernels import HOST_CPU, KINDS, cpu_fused_experts, mkl_grouped_matmul, torch_grouped_mm
 from moeport.kernels.offered import OfferedKernels
+
+CPU = torch.device("cpu")
+
+#: What each of the CPU's kernels is, for messages.
+KERNELS = {"fused_experts": "the fused CPU experts (torch.ops.moeport.fused_experts)",
+           "grouped_matmul": "MKL's grouped matmul", "grouped_mm": "torch's grouped matmul (F.grouped_mm)"}
+
+
+def _exported(symbol: str) -> bool:
+    library = mkl_grouped_matmul.torch_cpu_library()
+    return library is not None and getattr(library, symbol, None) is not None
+
+
+def _build_tools_missing() -> list[str]:
+    """What the fused experts' build lacks here: the C++ compiler cpp_extension uses ($CXX, else c++), ninja."""
+    compiler = os.environ.get("CXX") or "c++"
+    missing = [] if shutil.which(compiler) else [f"no C++ compiler ({compiler})"]
+    return missing + ([] if cpp_extension.is_ninja_available() else ["no ninja"])
+
+
+def _torch_grouped_mm_multiplies() -> bool:
+    """Whether torch's F.grouped_mm, called directly, multiplies float32 groups on the CPU right."""
+    grouped = getattr(F, "grouped_mm", None)
+    if grouped is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    a, b = torch.randint(-3, 4, (6, 16), generator=gen).float(), torch.randint(-3, 4, (2, 16, 8), generator=gen).float()
+    try:
+        out = grouped(a, b, offs=torch.tensor([2, 6], dtype=torch.int32))
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):
+        return False
+    return torch.equal(out, torch.cat([a[:2] @ b[0], a[2:] @ b[1]]))
+
+
+def missing_prerequisites(kind: str) -> list[str]:
+    """What this machine lacks for the CPU kernel `kind` (a key of KERNELS); [] where it has it all, so the kernel
+    must be there."""
+    if kind == "fused_experts":
+        mkl = [] if _exported("sgemm_") else ["torch's CPU library exports no MKL sgemm_"]
+        return _build_tools_missing() + mkl
+    if kind == "grouped_matmul":
+        return [] if _exported("cblas_sgemm_batch") else ["torch's CPU library exports no MKL cblas_sgemm_batch"]
+    if kind == "grouped_mm":
+        return [] if _torch_grouped_mm_multiplies() else ["torch has no F.grouped_mm for float32 on the CPU"]
+    raise ValueError(kind)
+
+
+def require(kind: str, present):
+    """`present` (a kernel, or True) where it is there; a failure where this machine has everything `kind` needs
+    (a broken build or probe is a failure, not a skip); a skip naming what is missing otherwise."""
+    if present is not None and present is not False:
+        return present
+    missing = missing_prerequisites(kind)
+    if missing:
+        pytest.skip(f"{KERNELS[kind]} cannot run here: {'; '.join(missing)}")
+    pytest.fail(f"{KERNELS[kind]} is missing although this machine has everything it needs "
+                f"(see missing_prerequisites): its build, its check or its probe failed")
 
 
 def _per_group(a, b, sizes):
@@ -31,18 +98,32 @@ def _slot_by_slot(x, ids, weights, gate_up, down):
 
 @pytest.fixture
 def mkl():
-    kernel = mkl_grouped_matmul.grouped_matmul()
-    if kernel is None:
-        pytest.skip("this torch build carries no MKL batch GEMM")
-    return kernel
+    return require("grouped_matmul", mkl_grouped_matmul.grouped_matmul())
 
 
 @pytest.fixture
 def fused():
-    kernel = cpu_fused_experts.fused_experts()
-    if kernel is None:
-        pytest.skip("no MKL in this torch build or no C compiler here")
-    return kernel
+    return require("fused_experts", cpu_fused_experts.fused_experts())
+
+
+def test_every_cpu_kernel_this_machine_has_the_prerequisites_for_is_there():
+    """Where the machine has a C++ compiler, ninja and MKL's sgemm_ in torch's CPU library, the fused experts are
+    built and pass their check; where it exports cblas_sgemm_batch, MKL's grouped matmul is there; where torch's
+    F.grouped_mm multiplies float32 on the CPU, the probe takes it. CI is such a machine."""
+    offered = OfferedKernels(HOST_CPU, "cpu")
+    there = {
+        "fused_experts": cpu_fused_experts.fused_experts() is not None
+        and offered.kernel("fused_experts", CPU, torch.float32) is not None,
+        "grouped_matmul": mkl_grouped_matmul.grouped_matmul() is not None
+        and offered.kernel("grouped_matmul", CPU, torch.float32) is not None,
+        "grouped_mm": torch_grouped_mm.works(CPU, torch.float32),
+    }
+    assert set(KINDS) < set(there)
+    missing = {kind: missing_prerequisites(kind) for kind in there}
+    absent = [f"{KERNELS[kind]}" for kind in there if not missing[kind] and not there[kind]]
+    assert not absent, f"not there although this machine has everything they need: {absent}"
+    if all(missing.values()):
+        pytest.skip(f"this machine has none of the CPU kernels' prerequisites: {missing}")
 
 
 # --- MKL's grouped matmul
@@ -225,7 +306,9 @@ def test_the_build_is_kept_and_a_failed_one_says_why(tmp_path):
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     if lines == ["none"]:
-        pytest.skip("no C++ compiler or no ninja here")
+        missing = _build_tools_missing()
+        assert missing, "this machine has a C++ compiler and ninja, yet the build failed"
+        pytest.skip(f"nothing to build with: {'; '.join(missing)}")
     assert lines[0] == "kept"  # the second call loads the first build
     failed, *messages = lines[1].split("|")
     assert failed == "failed" and len(messages) == 1 and "no input" in messages[0]
@@ -240,6 +323,8 @@ def test_ranks_building_at_once_each_load_a_whole_library(tmp_path):
     answers = {rank.communicate(timeout=300)[0].strip() for rank in ranks}
     assert all(rank.returncode == 0 for rank in ranks)
     assert len(answers) == 1
+    if not missing_prerequisites("fused_experts"):
+        assert answers == {"True"}, "this machine has everything the fused experts need, yet no rank has them"
     built = list(tmp_path.glob("kernels/*/variant-*/*.so")) if tmp_path.joinpath("kernels").exists() else []
     assert len(built) == (1 if answers == {"True"} else 0)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_expert_kernels import require  # fails where this machine has what a kernel needs and the kernel is missing
 
 from moeport.kernels import HOST_CPU, torch_grouped_mm
 from moeport.kernels.offered import OfferedKernels
@@ -79,8 +80,7 @@ def _only(kind: str):
 @pytest.mark.parametrize("kind, calls_per_forward", [("fused_experts", 1), ("grouped_matmul", 2)])
 @pytest.mark.parametrize("skew", [False, True])
 def test_each_device_kernel_gives_the_slot_by_slot_result(kind, calls_per_forward, skew, monkeypatch):
-    if _cpu_kernels().kernel(kind, CPU, torch.float32) is None:
-        pytest.skip(f"no {kind} kernel on this machine's CPU")
+    require(kind, _cpu_kernels().kernel(kind, CPU, torch.float32))
     experts = _experts()
     device_kernel, calls = _only(kind)
     monkeypatch.setattr(experts, "device_kernel", device_kernel)
@@ -106,8 +106,8 @@ def test_the_device_kernels_run_only_without_autograd():
 @pytest.mark.parametrize("skew", [False, True])
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "loop"])
 def test_every_capacity_gives_the_slot_by_slot_result(capacity, skew, grouped):
-    if grouped and not torch_grouped_mm.works(CPU, torch.float32):
-        pytest.skip("this torch has no grouped matmul for float32 on the CPU")
+    if grouped:
+        require("grouped_mm", torch_grouped_mm.works(CPU, torch.float32))
     experts = _experts()  # no device kernels: the paths of devices without them
     chosen = experts.plan
     # force the path: all per expert (0), batched with overflow, all batched; None: the cost model's capacity

@@ -120,13 +120,19 @@ def test_generate_and_forward_take_turns(checkpoint):
 
 
 def test_sampling_is_seeded_and_respects_top_k(checkpoint):
+    """Sampled decoding through the KV cache: a seed repeats, another seed and greedy decoding differ, and a cut to
+    the single best token is greedy. The sampler's distribution itself is tested in test_sampling.py."""
     model = load_pretrained(checkpoint)
     ids = token_ids(length=5)
+    greedy = model.generate(ids, max_new_tokens=6)
     a = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, seed=11)
     b = model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, seed=11)
-    assert torch.equal(a, b) and a.shape == (2, 11)
+    assert torch.equal(a, b) and a.shape == (2, 11) and torch.equal(a[:, :5], ids)
+    assert not torch.equal(a, greedy)  # sampled: with these seeds and logits, some token is not the best one
+    assert not torch.equal(a, model.generate(ids, max_new_tokens=6, do_sample=True, temperature=0.8, top_k=5, seed=12))
+    assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=True, top_k=1, seed=3), greedy)
     nucleus = model.generate(ids, max_new_tokens=1, do_sample=True, top_p=1e-6, seed=1)
-    assert torch.equal(nucleus, model.generate(ids, max_new_tokens=1))  # a tiny top_p is greedy
+    assert torch.equal(nucleus, greedy[:, :6])  # a tiny top_p is greedy
 
 
 def test_schedules_agree_in_one_process(checkpoint):

@@ -167,19 +167,50 @@ def test_sigkill_during_saves_never_leaves_a_broken_checkpoint(checkpoint, tmp_p
         load_pretrained(target)  # whatever instant the kill hit, the final names hold a whole checkpoint
 
 
-def _forward_twice(rt, path, ids):
-    model = load_pretrained(path, rt)
-    with torch.no_grad():
-        return model(ids[rt.rank::rt.world_size])
+def _seeded_outputs(rt, tokens):
+    """On each rank of a preset model with seeded random weights: the forward job's logits (on rank 0), the run job's
+    expert counts (its prompt is seeded too), and this rank's weights with the global ids of its experts."""
+    from moeport.jobs import build_model, forward_job, run_job
+
+    logits = forward_job(rt, tokens)
+    counts = run_job(rt, 2, 2, 6)["expert_counts"]
+    model = build_model(rt)
+    return {"logits": logits, "counts": counts, "state": {k: v.clone() for k, v in model.state_dict().items()},
+            "experts": [list(layer.mlp.experts.global_ids) for layer in model.model.layers]}
 
 
-def test_same_profile_seed_and_world_size_give_identical_outputs(checkpoint, tokens, tmp_path):
-    outs = []
-    for attempt in range(2):
-        out = tmp_path / f"logits{attempt}.npy"
-        result = run_cli("forward", "--checkpoint", checkpoint, "--tokens", tokens, "--out", str(out), "--world-size", "2")
-        assert result.returncode == 0, result.stderr
-        outs.append(np.load(out))
-    assert np.array_equal(outs[0], outs[1])
-    runs = [json.loads(run_cli("run", "--iterations", "2", "--json").stdout.strip().splitlines()[-1]) for _ in range(2)]
-    assert runs[0]["world_size"] == runs[1]["world_size"] == 2
+def test_same_profile_seed_and_world_size_give_identical_outputs(tokens):
+    """The `tiny` preset on two ranks, with the profile's seed: the same seed gives bit-identical logits, expert
+    counts and weights, another seed other weights and logits; and the weights are those one process builds with
+    that seed (each tensor seeded by its name, each expert by its global id), split over the ranks."""
+    from moeport.model import LongcatForCausalLM
+    from moeport.model.init import init_weights
+    from moeport.profile import load_profile, model_config_of
+    from moeport.testing import run_ranks
+
+    ids = np.load(tokens)
+    profile = load_profile("cpu-gloo").replace(model={"preset": "tiny"})
+    first, again, other = (run_ranks(_seeded_outputs, 2, profile.replace(seed=seed), args=(ids,)) for seed in (5, 5, 6))
+    assert first[1]["logits"] is None and first[0]["logits"].shape == (*ids.shape, 256)
+    assert np.array_equal(first[0]["logits"], again[0]["logits"])
+    assert not np.allclose(first[0]["logits"], other[0]["logits"])
+    for rank in range(2):
+        assert first[rank]["counts"] == again[rank]["counts"] and sum(first[rank]["counts"]) > 0
+        assert first[rank]["state"].keys() == again[rank]["state"].keys() == other[rank]["state"].keys()
+        for name, tensor in first[rank]["state"].items():
+            assert torch.equal(tensor, again[rank]["state"][name]), name
+            if tensor.std() > 0:  # not a norm (ones) or a bias (zeros): the seed matters
+                assert not torch.equal(tensor, other[rank]["state"][name]), name
+    config, _ = model_config_of(profile)
+    whole = init_weights(LongcatForCausalLM(config), 5).state_dict()
+    for name, tensor in whole.items():
+        if name.endswith(("experts.gate_up", "experts.down")):  # each rank holds its own experts: [local, ...]
+            layer = int(name.split(".")[2])
+            parts = {e: r["state"][name][i] for r in first for i, e in enumerate(r["experts"][layer])}
+            assert sorted(parts) == list(range(tensor.shape[0])), name
+            assert all(torch.equal(tensor[e], part) for e, part in parts.items()), name
+        else:
+            assert all(torch.equal(tensor, r["state"][name]) for r in first), name
+    with torch.no_grad():  # and so the same logits, up to the order of sums across ranks
+        one = init_weights(LongcatForCausalLM(config), 5).eval()(torch.from_numpy(ids))
+    np.testing.assert_allclose(first[0]["logits"], one.numpy(), rtol=1e-5, atol=1e-5)
