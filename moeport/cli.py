@@ -178,6 +178,12 @@ def _generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: expected a positive integer, got {args.max_new_tokens}")
+    if not args.temperature > 0:
+        raise UserError(f"--temperature: expected a number above 0, got {args.temperature}")
+    if args.top_k < 0:
+        raise UserError(f"--top-k: expected 0 (every token) or a positive integer, got {args.top_k}")
+    if not 0 < args.top_p <= 1:
+        raise UserError(f"--top-p: expected a number above 0 and at most 1, got {args.top_p}")
     profile, config = _load(args)
     tokens = _read_tokens(args.tokens, config.vocab_size)
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}

@@ -49,6 +49,12 @@ def test_cli_user_errors(checkpoint, tokens, tmp_path):
         (["forward", "--checkpoint", _wrong_config(checkpoint, tmp_path / "config"), "--tokens", tokens, "--out", out],
          {}, ["self_attn.0.kv_a_", "has shape", "config.json implies"]),  # the first tensor kv_lora_rank sizes
         (["generate", "--checkpoint", checkpoint, "--tokens", tokens, "--max-new-tokens", "0"], {}, ["--max-new-tokens"]),
+        (["generate", "--checkpoint", checkpoint, "--tokens", tokens, "--max-new-tokens", "2", "--sample",
+          "--temperature", "0"], {}, ["--temperature", "above 0", "0.0"]),
+        (["generate", "--checkpoint", checkpoint, "--tokens", tokens, "--max-new-tokens", "2", "--top-k", "-3"], {},
+         ["--top-k", "-3"]),
+        (["generate", "--checkpoint", checkpoint, "--tokens", tokens, "--max-new-tokens", "2", "--top-p", "1.5"], {},
+         ["--top-p", "1.5"]),
         (["run", "--iterations", "0"], {}, ["--iterations"]),
         (["run", "--world-size", "4", "--iterations", "1"], TORCHRUN_ENV, ["--world-size 4", "torchrun", "2 ranks"]),
         (["run", "--schedule", "fastest"], {}, ["--schedule", "fastest"]),
