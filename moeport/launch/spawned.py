@@ -215,7 +215,7 @@ def _root_cause(
     and a peer may report first; so within `grace_s` a rank that died without
     reporting is preferred, as the cause, over ranks that reported errors. Likewise
     a rank that stopped answering (stopped by a signal, or no heartbeat for SILENT_S)
-    while the reporting rank failed: it is named, with what its peer reported.
+    while the reporting rank timed out: it is named, with what its peer reported.
     """
     others = [i for i in range(len(processes)) if i != failure.rank]
     deadline = time.monotonic() + grace_s
@@ -227,7 +227,7 @@ def _root_cause(
     _stop([processes[i] for i in others], 0.0)
     if died and failure.details:  # the reported error came from a rank whose peer had died
         return RankFailure(died[0], _describe_exit(processes[died[0]].exitcode))
-    if silent and failure.details:  # the reported error came from a rank waiting for a silent peer
+    if silent and failure.summary.startswith("TimeoutError"):  # the reporting rank waited for a silent peer
         rank, why = silent[0]
         return RankFailure(rank, f"stopped answering ({why}); rank {failure.rank} then failed: {failure.summary}",
                            failure.details, failure.user_error)
