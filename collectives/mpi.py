@@ -322,7 +322,7 @@ class MPICommunicator(Communicator):
 
         def job() -> InFlight:
             buffer = _wire(host.buffer)
-            return InFlight(self._comm.Isend(buffer, dest=dst, tag=_P2P_TAG), None, buffer)
+            return InFlight(self._comm.Isend(buffer, dest=dst, tag=_P2P_TAG), None, buffer, f"send to {dst}")
 
         return self._submit("send", job, None)
 
@@ -331,7 +331,7 @@ class MPICommunicator(Communicator):
 
         def job() -> InFlight:
             buffer = _wire(host.buffer)
-            return InFlight(self._comm.Irecv(buffer, source=src, tag=_P2P_TAG), None, buffer)
+            return InFlight(self._comm.Irecv(buffer, source=src, tag=_P2P_TAG), None, buffer, f"recv from {src}")
 
         return self._submit("recv", job, tensor, [host])
 

@@ -10,6 +10,14 @@ progresses the transfer while the caller computes. Point-to-point sends and rece
 issued non-blocking and polled by the thread, so an async send followed by an async
 receive on both sides of a pair cannot deadlock.
 
+While requests are in flight the thread polls: it takes a job without waiting or else
+sleeps POLL_S, and waits on the queue only when nothing is in flight. It never calls
+`SimpleQueue.get(timeout=...)`: in CPython 3.11 a get whose short deadline passes inside
+it (the thread preempted on a loaded machine) waits on with a negative timeout, that is
+until the next job. A rank's send then stayed in flight, untested, while its peer waited
+in the next collective: a hang that looked like Open MPI's shared-memory transport, seen
+over Open MPI's sm, UCX and TCP alike, with gdb showing the thread inside that get.
+
 The world MPICommunicator owns the thread (its subgroups share it) and ends it in
 `close()`, or at interpreter exit before mpi4py finalises MPI.
 """
@@ -19,19 +27,22 @@ from __future__ import annotations
 import concurrent.futures
 import queue
 import threading
+import time
 from typing import Any, Callable
 
-#: How often the communication thread polls point-to-point requests in flight, in seconds.
+#: How long the communication thread sleeps between polls of point-to-point requests in flight, in seconds.
 POLL_S = 0.0001
 
 
 class InFlight:
     """What a job returns when its MPI request is still in flight: the thread completes it later."""
 
-    def __init__(self, request: Any, result: Any, keep: Any) -> None:
+    def __init__(self, request: Any, result: Any, keep: Any, what: str = "request") -> None:
         self.request = request
         self.result = result
         self.keep = keep  # buffers that must outlive the request
+        self.what = what  # e.g. "send to 1": how a timeout's report names it
+        self.since = time.monotonic()
 
 
 class CommThread:
@@ -42,6 +53,7 @@ class CommThread:
         self._inflight: list[tuple[concurrent.futures.Future, InFlight]] = []
         self._stopping = False
         self._current: str | None = None
+        self._current_since = 0.0
         self._thread = threading.Thread(target=self._run, name="moeport-mpi", daemon=True)
         self._thread.start()
 
@@ -68,10 +80,14 @@ class CommThread:
 
     def timeout_error(self, what: str, timeout: float | None) -> TimeoutError:
         """The TimeoutError of a wait for `what`, saying where the thread is (the op a peer has not joined)."""
-        where = f"inside MPI {self._current}" if self._current else "idle"
+        now = time.monotonic()
+        current, since = self._current, self._current_since
+        where = f"inside MPI {current} for {now - since:.1f} s" if current else "idle"
+        inflight = [pending for _, pending in list(self._inflight)]
+        named = "".join(f"; {p.what}, in flight for {now - p.since:.1f} s" for p in inflight)
         return TimeoutError(
             f"MPI {what} did not complete within {timeout:g} s (communication thread {where}; "
-            f"{self._queue.qsize()} queued, {len(self._inflight)} sends/receives in flight)"
+            f"{self._queue.qsize()} queued, {len(inflight)} sends/receives in flight{named})"
         )
 
     def stop(self, timeout: float) -> bool:
@@ -86,14 +102,17 @@ class CommThread:
         while True:
             self._reap()
             try:
-                item = self._queue.get(timeout=POLL_S if self._inflight else None)
+                item = self._queue.get_nowait() if self._inflight else self._queue.get()
             except queue.Empty:
+                time.sleep(POLL_S)
                 continue
             if item is None:
                 break
-            future, job, self._current = item
+            future, job, what = item
             if not future.set_running_or_notify_cancel():
                 continue
+            self._current_since = time.monotonic()
+            self._current = what
             try:
                 result = job()
             except BaseException as exc:  # handed to the waiter

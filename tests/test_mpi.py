@@ -180,11 +180,7 @@ def test_every_op_and_dtype_is_bit_exact(world_size):
 
 
 @pytest.mark.timeout(120)
-def test_forced_fallbacks_give_identical_results(monkeypatch):
-    # Every fallback is point-to-point progressed by Test beside blocking collectives: the pattern
-    # that hangs Open MPI 5's shared-memory transport now and then (open-mpi/ompi#12816; once in
-    # our CI). What this test checks does not depend on the transport, so it runs over loopback TCP.
-    monkeypatch.setenv("OMPI_MCA_btl", "self,tcp")
+def test_forced_fallbacks_give_identical_results():
     profile = load_profile("cpu-mpi").replace(**{"collectives.fallbacks": ALL_FALLBACKS})
     forced = run_ranks(check_ops, 4, profile, timeout_s=90)
     assert not [f for r in forced for f in r[0]]
