@@ -34,6 +34,15 @@ def assert_user_error(result, *needles: str) -> str:
     return lines[0]
 
 
+def process_alive(pid: int) -> bool:
+    """Whether `pid` is a live process (not gone, not a zombie), read from /proc."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 @pytest.fixture
 def cli():
     """The run_cli helper as a fixture."""

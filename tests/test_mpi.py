@@ -14,6 +14,7 @@ import torch
 
 pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
 
+from conftest import process_alive  # noqa: E402
 from moeport.base.errors import UserError  # noqa: E402
 from moeport.collectives.base import ReduceOp  # noqa: E402
 from moeport.conformance import failed, format_matrix, merge, run_suite  # noqa: E402
@@ -328,21 +329,12 @@ def sleeper(folder):
 
 def _left_behind(folder) -> list:
     """The noted ranks still alive and the noted job folders still present."""
-    alive = [int(name.split("-")[1]) for name in os.listdir(folder) if _alive(int(name.split("-")[1]))]
+    alive = [int(name.split("-")[1]) for name in os.listdir(folder) if process_alive(int(name.split("-")[1]))]
     dirs = set()
     for name in os.listdir(folder):
         with open(os.path.join(folder, name)) as f:
             dirs.update(f.read().split("\n"))
     return alive + sorted(d for d in dirs if os.path.exists(d))
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a live process (not gone, not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.timeout(60)

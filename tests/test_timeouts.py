@@ -15,20 +15,12 @@ import time
 import pytest
 import torch
 
+from conftest import process_alive
 from moeport.launch import RankFailure, spawn
 
 pytestmark = pytest.mark.timeout(240)
 
 TIMEOUT_S = 8.0
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` is a live process (not gone, not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def _spawned_ranks(parent: int) -> list[int]:
@@ -75,7 +67,7 @@ def test_a_rank_stopped_mid_run_is_named_with_the_operation_that_timed_out(tmp_p
     assert lines[0].startswith("moeport: error: rank 1 failed: stopped answering (stopped by a signal"), lines[0]
     assert f" did not complete within {TIMEOUT_S:g} s" in lines[0], lines[0]  # the operation (which one depends on when the rank stopped), in moeport's words
     assert took < TIMEOUT_S + 30, took
-    assert not [pid for pid in ranks if _alive(pid)]
+    assert not [pid for pid in ranks if process_alive(pid)]
 
 
 def _all_reduce_beside_a_silent_peer(timeout_s: float) -> None:
