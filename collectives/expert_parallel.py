@@ -75,7 +75,7 @@ class DispatchStats:
         return self.naive_bytes / self.bytes_sent
 
 
-class _Buffer:
+class ReusedBuffer:
     """A flat byte buffer grown to the largest size asked for; hands out views of its start."""
 
     def __init__(self) -> None:
@@ -134,20 +134,21 @@ class ExpertInput:
     order; `recv_splits[s]` rows came from rank s. The expert side returns one
     row per received row: the sum over its valid slots of weight * expert(row).
     On the packed path hidden and weights are strided views of the dispatcher's
-    receive buffer (valid until its next dispatch); local_ids is a new tensor.
+    receive buffer (valid until its next dispatch); local_ids is a new tensor. `plan`
+    is the dispatch's own (a DispatchPlan, or a low-latency dispatch's FixedPlan, whose
+    rows are fixed blocks per source, padding included).
     """
 
     hidden: torch.Tensor
     local_ids: torch.Tensor
     weights: torch.Tensor
     recv_splits: list[int]
-    plan: DispatchPlan
+    plan: Any
     experts_per_rank: int
 
     @property
-    def stats(self) -> DispatchStats:
-        """The traffic of this dispatch."""
-        assert self.plan.stats is not None
+    def stats(self) -> DispatchStats | None:
+        """The traffic of this dispatch (None for a low-latency one, which does not count it)."""
         return self.plan.stats
 
     def slots_per_expert(self) -> torch.Tensor:
@@ -173,7 +174,7 @@ class ExpertParallelDispatcher:
         self.comm = comm
         self.layout = ExpertLayout(n_routed_experts, comm.world_size)
         self.last_stats: DispatchStats | None = None
-        self._send, self._recv, self._combine_recv = _Buffer(), _Buffer(), _Buffer()
+        self._send, self._recv, self._combine_recv = ReusedBuffer(), ReusedBuffer(), ReusedBuffer()
         self._pending: set[str] = set()
 
     # -- dispatch ---------------------------------------------------------------
@@ -205,7 +206,7 @@ class ExpertParallelDispatcher:
         differentiable: bool | None = None,
     ) -> DispatchPlan:
         """Local step: route, and gather the travelling rows into send order (packed into the send buffer)."""
-        _check_inputs(hidden, topk_ids, topk_weights)
+        check_inputs(hidden, topk_ids, topk_weights)
         if differentiable is None:
             differentiable = torch.is_grad_enabled() and (hidden.requires_grad or topk_weights.requires_grad)
         if not differentiable:
@@ -336,7 +337,8 @@ class ExpertParallelDispatcher:
         return result
 
 
-def _check_inputs(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+def check_inputs(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """ValueError unless hidden is [T, d], topk_ids [T, k] integers and topk_weights [T, k] floats."""
     if hidden.dim() != 2 or topk_ids.dim() != 2 or topk_weights.shape != topk_ids.shape:
         raise ValueError(
             f"expected hidden [T, d], topk_ids [T, k] and topk_weights [T, k]; got {list(hidden.shape)}, "

@@ -34,7 +34,8 @@ class ModelContext:
     ep: the expert-parallel group (the FFN experts are split over its ranks);
     schedule: the driver of each layer's steps ("overlap" or "sequential");
     device, dtype: where and in what the weights live;
-    expert_kernels: the device's own kernels for the experts (None: torch's operators only).
+    expert_kernels: the device's own kernels for the experts (None: torch's operators only);
+    dispatch, max_tokens_per_rank: how the MoE's tokens travel over `ep` (model/exchange.py).
     """
 
     ep: Communicator
@@ -42,6 +43,8 @@ class ModelContext:
     device: torch.device = torch.device("cpu")
     dtype: torch.dtype = torch.float32
     expert_kernels: ExpertKernels | None = None
+    dispatch: str = "auto"
+    max_tokens_per_rank: int = 128
 
     @classmethod
     def one_process(cls, dtype: torch.dtype = torch.float32) -> "ModelContext":

@@ -38,8 +38,9 @@ from moeport.model.timeline import Timeline
 class LayerState:
     """What one layer's steps read and fill, in the order the steps fill it.
 
-    In: x [B, T, H], the rotation cos / sin, and the two attention sublayers' caches (None
-    without a cache). Then: h0 (after attention 0), u (its normed output, FFN0's and the
+    In: x [B, T, H], the rotation cos / sin, the two attention sublayers' caches (None
+    without a cache) and whether this is a decoding step (one new position per sequence,
+    after a cache: every rank is in the same phase). Then: h0 (after attention 0), u (its normed output, FFN0's and the
     MoE's input), tokens (u as rows [B*T, H]), routing (the router's choice), zero_out
     (the zero experts' share, computed here), h1 (after FFN0), projected (attention 1's
     queries and latent), received (what the dispatch brought this rank's experts),
@@ -51,6 +52,7 @@ class LayerState:
     cos: torch.Tensor
     sin: torch.Tensor
     caches: tuple[LatentCache, LatentCache] | None = None
+    decoding: bool = False
     h0: torch.Tensor | None = None
     u: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
@@ -102,7 +104,8 @@ class ScMoELayer(nn.Module):
                 caches: tuple[LatentCache, LatentCache] | None = None, schedule: str = "overlap",
                 timeline: Timeline | None = None) -> torch.Tensor:
         """The layer's output for x [B, T, H], its steps driven by `schedule` (timed on `timeline` if given)."""
-        return run_steps(self.steps(), LayerState(x, cos, sin, caches), schedule, timeline).out
+        decoding = caches is not None and x.shape[1] == 1
+        return run_steps(self.steps(), LayerState(x, cos, sin, caches, decoding), schedule, timeline).out
 
     def steps(self) -> list[Step]:
         """The layer's steps, in the order they run under the overlap schedule."""
@@ -133,7 +136,7 @@ class ScMoELayer(nn.Module):
         s.zero_out = zero_expert_output(s.tokens, s.routing, self.config.n_routed_experts)
 
     def _dispatch(self, s: LayerState):
-        return self.exchange.dispatch(s.tokens, s.routing)
+        return self.exchange.dispatch(s.tokens, s.routing, s.decoding)
 
     def _ffn0(self, s: LayerState) -> None:
         s.h1 = s.h0 + self.mlps[0](s.u)

@@ -64,7 +64,7 @@ class LongcatForCausalLM(nn.Module):
         self.timeline: Timeline | None = None  # set to time every step of every layer
         workspace = Workspace()  # shared: it holds one layer's peak, not the sum over layers
         for layer in self.model.layers:
-            layer.exchange = new_exchange(ep, self.layout)
+            layer.exchange = new_exchange(ep, self.layout, self.context.dispatch, self.context.max_tokens_per_rank)
             layer.mlp.experts.workspace = workspace
             layer.mlp.experts.kernels = self.context.expert_kernels
 

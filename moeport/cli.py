@@ -155,6 +155,18 @@ def _save_npy(path: str, array) -> None:
         np.save(SimpleNamespace(write=f.write), array)
 
 
+def _ranks(profile) -> int:
+    """How many ranks the job runs on: the launcher's under torchrun / mpiexec, else the profile's."""
+    from moeport.jobs import launched_profile
+
+    return launched_profile(profile).world_size
+
+
+def _rows_per_rank(rows: int, world_size: int) -> int:
+    """The most rows of a batch one rank takes under data-parallel attention."""
+    return -(-rows // world_size)
+
+
 def _rank0(results: list) -> Any:
     """Rank 0's result of `run_on_ranks`, or None in a process that holds no results (the other ranks of a
     torchrun / mpiexec job), which then prints and writes nothing."""
@@ -166,6 +178,8 @@ def _forward(args: argparse.Namespace) -> int:
 
     profile, config = _load(args)
     tokens = _read_tokens(args.tokens, config.vocab_size)
+    rows = _rows_per_rank(tokens.shape[0], _ranks(profile))
+    profile.check_dispatch_room(rows, rows * tokens.shape[1], f"{rows} sequences of {tokens.shape[1]} per rank")
     logits = _rank0(run_on_ranks(forward_job, (tokens,), profile, args.world_size))
     if logits is not None:
         _save_npy(args.out, logits)
@@ -186,6 +200,8 @@ def _generate(args: argparse.Namespace) -> int:
         raise UserError(f"--top-p: expected a number above 0 and at most 1, got {args.top_p}")
     profile, config = _load(args)
     tokens = _read_tokens(args.tokens, config.vocab_size)
+    rows = _rows_per_rank(tokens.shape[0], _ranks(profile))
+    profile.check_dispatch_room(rows, rows * tokens.shape[1], f"{rows} sequences of {tokens.shape[1]} per rank")
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
     out = _rank0(run_on_ranks(generate_job, (tokens, args.max_new_tokens, sampling), profile, args.world_size))
     if out is None:
@@ -206,6 +222,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.iterations < 1:
         raise UserError(f"--iterations: expected a positive integer, got {args.iterations}")
     profile, config = _load(args)
+    profile.check_dispatch_room(args.batch, args.batch * args.prompt_length,
+                                f"--batch {args.batch}, --prompt-length {args.prompt_length}")
     results = run_on_ranks(run_job, (args.iterations, args.batch, args.prompt_length), profile, args.world_size)
     print_run_report(launched_profile(profile), results, as_json=args.json, trace_dir=args.trace)
     return 0

@@ -25,6 +25,7 @@ from moeport.base.dtypes import MODEL_DTYPES
 from moeport.base.errors import UserError
 from moeport.collectives.base import FALLBACKS
 from moeport.model.config import PRESETS, LongcatConfig, preset
+from moeport.model.exchange import DISPATCH_MODES
 from moeport.model.schedule import SCHEDULES
 
 DEFAULT_PROFILE = "cpu-gloo"
@@ -65,6 +66,18 @@ class ModelSection(_Section):
         return self
 
 
+class MoESection(_Section):
+    """How the MoE's tokens travel between expert-parallel ranks (model/exchange.py).
+
+    dispatch: auto (decoding steps low-latency, prefill normal), normal (the row counts
+    first, then exactly the rows needed) or low_latency (fixed room of
+    max_tokens_per_rank rows per rank, one exchange each way, no counts).
+    """
+
+    dispatch: Literal[DISPATCH_MODES] = "auto"  # type: ignore[valid-type]
+    max_tokens_per_rank: int = Field(default=128, ge=1)
+
+
 class EmulatedLinkSection(_Section):
     """An emulated interconnect: each collective completes no sooner than latency + bytes / bandwidth."""
 
@@ -83,6 +96,7 @@ class Profile(_Section):
     schedule: Literal[SCHEDULES] = "overlap"  # type: ignore[valid-type]
     seed: int = Field(default=0, ge=0)
     model: ModelSection = ModelSection()
+    moe: MoESection = MoESection()
     emulated_link: EmulatedLinkSection | None = None
     hardware: dict[str, Any] = Field(default_factory=dict)
 
@@ -132,6 +146,20 @@ class Profile(_Section):
         if ep is not None and world % ep:
             raise UserError(f"{self.source}: parallel.ep: ep = {ep} does not divide world_size = {world} ({where})")
         return self
+
+    def check_dispatch_room(self, decode_tokens: int, prefill_tokens: int, what: str) -> None:
+        """Reject a run whose tokens per rank do not fit the low-latency dispatch's room (moe.max_tokens_per_rank):
+        a decoding step's under dispatch auto or low_latency, a prefill's under low_latency. `what` names the run's
+        sizes for the message. Nothing to check when one rank holds every expert."""
+        room, mode = self.moe.max_tokens_per_rank, self.moe.dispatch
+        steps = [("a decoding step", decode_tokens)] if mode in ("auto", "low_latency") else []
+        steps += [("the prefill", prefill_tokens)] if mode == "low_latency" else []
+        for step, tokens in steps:
+            if self.ep > 1 and tokens > room:
+                raise UserError(
+                    f"{self.source}: moe.max_tokens_per_rank: {room} is less than the {tokens} tokens per rank of "
+                    f"{step} ({what}); raise it, or set moe.dispatch: normal"
+                )
 
     def check_experts(self, n_routed_experts: int, what: str) -> None:
         """Reject an ep that the model's number of FFN experts cannot be split over."""

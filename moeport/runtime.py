@@ -228,10 +228,11 @@ class Runtime:
         return ParallelGroups(world=world, ep=ep_comm, dp=dp_comm, tp=LocalCommunicator(world.rank))
 
     def model_context(self) -> ModelContext:
-        """What a model built on this rank sees: the ep group, the schedule, the device, the dtype and the
-        kernels the backend offers the experts."""
+        """What a model built on this rank sees: the ep group, the schedule, the device, the dtype, the
+        kernels the backend offers the experts, and how the MoE's tokens travel."""
         return ModelContext(self.groups.ep, self.profile.schedule, self.device, self.dtype,
-                            self.backend.offered_expert_kernels)
+                            self.backend.offered_expert_kernels, self.profile.moe.dispatch,
+                            self.profile.moe.max_tokens_per_rank)
 
     def close(self, clean: bool = True) -> None:
         """Leave the collectives; the Runtime is unusable afterwards.

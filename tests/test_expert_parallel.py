@@ -19,8 +19,9 @@ import torch
 from moeport.collectives import differentiable as diff
 from moeport.collectives.differentiable import RowFormat, pack_rows, unpack_rows
 from moeport.collectives.expert_layout import ExpertLayout, route
-from moeport.collectives.expert_parallel import ExpertParallelDispatcher
+from moeport.collectives.expert_parallel import ExpertInput, ExpertParallelDispatcher
 from moeport.collectives.local import LocalCommunicator
+from moeport.collectives.low_latency import LowLatencyDispatcher
 from moeport.profile import load_profile
 from moeport.testing import run_ranks
 
@@ -206,6 +207,37 @@ def check_case(disp, c, comm, device, problems):
             problems.append(f"{tag}: combined output differs from reference_moe")
         stats = inp.stats
     return stats_summary(c, rank, world, ids, stats, problems)
+
+
+def check_low_latency_case(c, comm, device, problems):
+    """The low-latency dispatch of case `c`, sync and async: the rows that travel are the normal dispatch's,
+    in the same order, every other row is padding (no slot, zeros), and combine gives the same bits."""
+    rank, world = comm.rank, comm.world_size
+    room = max(c["tokens"]) + 3  # room to spare: padding in every block
+    disp = LowLatencyDispatcher(comm, ExpertLayout(c["n_routed"], world), room)
+    x, ids, w = inputs(c, rank, world, device)
+    want = expected_received(c, rank, world)
+    for async_op in (False, True):
+        tag = f"{c['name']} (low-latency, {'async' if async_op else 'sync'}) rank {rank}"
+        inp = disp.dispatch(x, ids, w, async_op=async_op)
+        inp = inp.wait() if async_op else inp
+        valid = (inp.local_ids >= 0).any(dim=1)
+        if inp.hidden.shape[0] != world * room or inp.recv_splits != [room] * world:
+            problems.append(f"{tag}: {inp.hidden.shape[0]} rows in blocks {inp.recv_splits}, expected {world} x {room}")
+        for field in ("hidden", "ids", "weights"):
+            got = getattr(inp, "local_ids" if field == "ids" else field)[valid].cpu()
+            if not bits_equal(got, want[field]):
+                problems.append(f"{tag}: received {field} differ from the normal dispatch's")
+        if inp.hidden[~valid].count_nonzero() or inp.weights[~valid].count_nonzero():
+            problems.append(f"{tag}: padding rows are not zeros")
+        compact = ExpertInput(inp.hidden[valid], inp.local_ids[valid], inp.weights[valid], want["splits"], inp.plan,
+                              inp.experts_per_rank)
+        rows = torch.zeros_like(inp.hidden)
+        rows[valid] = expert_side(c, rank, world, compact)
+        out = disp.combine(inp, rows, async_op=async_op)
+        out = out.wait() if async_op else out
+        if not bits_equal(out.cpu(), expected_combined(c, rank, world)):
+            problems.append(f"{tag}: combined output differs from reference_moe")
 
 
 def stats_summary(c, rank, world, ids, stats, problems):
@@ -401,6 +433,7 @@ def suite(rt, cases, grad_specs):
     for c in cases:
         disp = dispatchers.setdefault(c["n_routed"], ExpertParallelDispatcher(comm, c["n_routed"]))
         stats.append(check_case(disp, c, comm, rt.device, problems))
+        check_low_latency_case(c, comm, rt.device, problems)
     check_buffer_reuse(comm, rt.device, problems)
     grad_problems: list[str] = []
     for s in grad_specs:

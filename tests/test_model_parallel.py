@@ -32,20 +32,38 @@ def expected(checkpoint):
     return logits, tokens
 
 
+MODES = ("auto", "normal", "low_latency")
+
+
+def _set_dispatch(model, mode):
+    """Every layer's exchange in dispatch mode `mode` (a one-rank model has nothing to dispatch)."""
+    for layer in model.model.layers:
+        if hasattr(layer.exchange, "mode"):
+            layer.exchange.mode = mode
+
+
 def parallel_job(rt, path):
-    """On each rank: its rows' logits under both schedules, decoding, and decode-step exactness."""
+    """On each rank: its rows' logits, decoding and one decode step under both schedules and every dispatch
+    mode, and which dispatcher `auto` picks for prefill and for decoding."""
     model = load_pretrained(path, rt)
     rows = my_rows(BATCH, rt.rank, rt.world_size)
     ids = prompts()[rows]
+    exchange = model.model.layers[0].exchange
     out = {"experts": (model.experts_here.start, len(model.experts_here))}
     with torch.no_grad():
+        if hasattr(exchange, "mode"):
+            out["auto picks"] = {phase: type(exchange.dispatcher_for(decoding)).__name__
+                                 for phase, decoding in (("prefill", False), ("decoding", True))}
         for schedule in ("overlap", "sequential"):
             model.schedule = schedule
-            out[f"logits_{schedule}"] = model(ids)
-            out[f"tokens_{schedule}"] = model.generate(ids, max_new_tokens=NEW)
-            caches = model.new_caches(ids.shape[0], LENGTH + 2)
-            model(ids, caches)
-            out[f"decode_{schedule}"] = model(out[f"tokens_{schedule}"][:, LENGTH:LENGTH + 1], caches)
+            for mode in MODES:
+                _set_dispatch(model, mode)
+                tag = f"{schedule}/{mode}"
+                out[f"logits_{tag}"] = model(ids)
+                out[f"tokens_{tag}"] = model.generate(ids, max_new_tokens=NEW)
+                caches = model.new_caches(ids.shape[0], LENGTH + 2)
+                model(ids, caches)
+                out[f"decode_{tag}"] = model(out[f"tokens_{tag}"][:, LENGTH:LENGTH + 1], caches)
     return out
 
 
@@ -54,10 +72,14 @@ def check(results, expected, world_size):
     for rank, r in enumerate(results):
         rows = my_rows(BATCH, rank, world_size)
         assert r["experts"] == (rank * 8 // world_size, 8 // world_size)
-        assert (r["logits_overlap"] - logits[rows]).abs().max().item() <= 1e-4
-        assert torch.equal(r["tokens_overlap"], tokens[rows])
+        assert (r["logits_overlap/auto"] - logits[rows]).abs().max().item() <= 1e-4
+        assert torch.equal(r["tokens_overlap/auto"], tokens[rows])
         for key in ("logits", "tokens", "decode"):
-            assert torch.equal(r[f"{key}_overlap"], r[f"{key}_sequential"]), key  # bit-identical schedules
+            for schedule in ("overlap", "sequential"):
+                for mode in MODES:  # bit-identical schedules and dispatch modes, prefill and decoding
+                    assert torch.equal(r[f"{key}_{schedule}/{mode}"], r[f"{key}_overlap/auto"]), (key, schedule, mode)
+        if world_size > 1:  # the same choice on every rank: decoding steps low-latency, prefill normal
+            assert r["auto picks"] == {"prefill": "ExpertParallelDispatcher", "decoding": "LowLatencyDispatcher"}
 
 
 CASES = [("cpu-gloo", 1), ("cpu-gloo", 2), ("cpu-gloo", 4), ("generic-cpu", 1), ("generic-cpu", 2), ("generic-cpu", 4), ("cpu-mpi", 2), ("cpu-mpi", 4)]
@@ -81,10 +103,14 @@ def test_more_ranks_than_sequences(checkpoint, expected):
 
 
 def one_row_job(rt, path):
+    """Rank 0 alone has a sequence: its logits, the same bits in both dispatch modes (the other ranks send nothing)."""
     model = load_pretrained(path, rt)
     ids = prompts()[:1] if rt.rank == 0 else prompts()[:0]
     with torch.no_grad():
-        return model(ids)
+        logits = model(ids)
+        _set_dispatch(model, "low_latency")
+        assert torch.equal(model(ids), logits)
+        return logits
 
 
 def generate_first_job(rt, path):

@@ -82,6 +82,8 @@ USER_ERRORS = {
     "ep larger than experts": ("parallel: {world_size: 16}\n", [], ["parallel.ep", "16", "8 FFN experts"]),
     "ep does not divide experts": ("parallel: {world_size: 3}\n", [], ["parallel.ep", "3", "8 FFN experts"]),
     "unknown preset": ("model: {preset: huge}\n", [], ["model.preset", "huge", "tiny"]),
+    "unknown dispatch": ("moe: {dispatch: fastest}\n", [], ["moe.dispatch", "fastest", "low_latency"]),
+    "no room": ("moe: {max_tokens_per_rank: 0}\n", [], ["moe.max_tokens_per_rank", "greater than or equal to 1"]),
     "preset and checkpoint": ("model: {preset: tiny, checkpoint: x}\n", [], ["model", "not both"]),
     "missing checkpoint dir": ("model: {checkpoint: /nonexistent/ckpt}\n", [], ["model.checkpoint", "/nonexistent/ckpt"]),
     "emulated link bandwidth": ("emulated_link: {latency_us: 1, bandwidth_gbps: 0}\n", [], ["emulated_link.bandwidth_gbps"]),
@@ -115,3 +117,15 @@ def test_user_error_in_a_real_process_has_no_traceback(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("parallel: {world_size: 4, ep: 3}\n")
     assert_user_error(run_cli("info", "--profile", str(path)), "parallel.ep")
+
+
+def test_a_decode_batch_beyond_the_low_latency_room_is_a_user_error(tmp_path):
+    path = tmp_path / "room.yaml"
+    path.write_text("parallel: {world_size: 2}\nmoe: {max_tokens_per_rank: 4}\n")
+    assert_user_error(run_cli("run", "--profile", str(path), "--batch", "8", "--iterations", "1"),
+                      str(path), "moe.max_tokens_per_rank", "4", "8 tokens per rank of a decoding step")
+    path.write_text("parallel: {world_size: 2}\nmoe: {dispatch: low_latency, max_tokens_per_rank: 16}\n")
+    assert_user_error(run_cli("run", "--profile", str(path), "--batch", "2", "--prompt-length", "9", "--iterations", "1"),
+                      "moe.max_tokens_per_rank", "18 tokens per rank of the prefill")
+    path.write_text("parallel: {world_size: 2}\nmoe: {dispatch: normal, max_tokens_per_rank: 4}\n")
+    assert run_cli("run", "--profile", str(path), "--batch", "8", "--iterations", "1").returncode == 0  # no room needed
