@@ -31,11 +31,18 @@ DISPATCH_MODES = ("auto", "normal", "low_latency")
 
 
 class ExpertExchange(Protocol):
-    """Moves one layer's FFN-expert slots to the experts and their outputs back; one exchange in flight."""
+    """Moves one layer's FFN-expert slots to the experts and their outputs back; one exchange in flight.
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing, decoding: bool = False) -> Handle:
-        """Start sending the FFN-expert slots of tokens [T, hidden] (of a decoding step, or not); the Handle
-        gives what this rank's experts get."""
+    A dispatch is two calls, so that a schedule can tell local work from communication:
+    `prepare` (route and pack, local) and `dispatch` (start the communication).
+    """
+
+    def prepare(self, tokens: torch.Tensor, routing: Routing, decoding: bool = False) -> Any:
+        """The local part of dispatching the FFN-expert slots of tokens [T, hidden] (of a decoding step, or
+        not): what `dispatch` sends."""
+
+    def dispatch(self, prepared: Any) -> Handle:
+        """Start sending what `prepare` made; the Handle gives what this rank's experts get."""
 
     def compute(self, experts: ExpertFFNs, received: Any) -> torch.Tensor:
         """This rank's experts on what arrived: one weighted-sum row per received row."""
@@ -50,9 +57,13 @@ class LocalExchange:
     def __init__(self, n_routed_experts: int) -> None:
         self.n_routed_experts = n_routed_experts
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing, decoding: bool = False) -> Handle:
+    def prepare(self, tokens: torch.Tensor, routing: Routing, decoding: bool = False) -> Any:
         """The FFN-expert slots of each token, as (rows, local ids, weights)."""
-        return CompletedHandle((tokens, ffn_slots(routing, self.n_routed_experts), routing.weights))
+        return tokens, ffn_slots(routing, self.n_routed_experts), routing.weights
+
+    def dispatch(self, prepared: Any) -> Handle:
+        """The slots, already where the experts are."""
+        return CompletedHandle(prepared)
 
     def compute(self, experts: ExpertFFNs, received: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
         """The weighted expert outputs, one row per received row."""
@@ -83,10 +94,15 @@ class ParallelExchange:
         low = self.mode == "low_latency" or (self.mode == "auto" and decoding)
         return self.low_latency if low and not torch.is_grad_enabled() else self.normal
 
-    def dispatch(self, tokens: torch.Tensor, routing: Routing, decoding: bool = False) -> Handle:
-        """Route and pack (local), then issue the exchange; the Handle gives this rank's ExpertInput."""
-        dispatcher = self._active = self.dispatcher_for(decoding)
-        plan = dispatcher.dispatch_preprocess(tokens, routing.ids, routing.weights)
+    def prepare(self, tokens: torch.Tensor, routing: Routing, decoding: bool = False) -> Any:
+        """The dispatcher's local preprocess (route and pack) in the mode this step takes: (dispatcher, plan)."""
+        dispatcher = self.dispatcher_for(decoding)
+        return dispatcher, dispatcher.dispatch_preprocess(tokens, routing.ids, routing.weights)
+
+    def dispatch(self, prepared: Any) -> Handle:
+        """Issue the exchange of a prepared dispatch; the Handle gives this rank's ExpertInput (postprocessed)."""
+        dispatcher, plan = prepared
+        self._active = dispatcher
         arriving = dispatcher.token_dispatch(plan, async_op=True)
         return MappedHandle(arriving, lambda received: dispatcher.dispatch_postprocess(plan, received))
 

@@ -8,8 +8,8 @@
     out = h2 + FFN1(RMSNorm_post1(h2)) + moe
 
 The steps are listed in the order of the overlap schedule (LongCat's single-batch
-overlap): attention 0 and the router; the dispatch in flight while FFN0 and attention
-1's q/kv projections compute; the experts; the combine in flight while attention 1's
+overlap): attention 0 and the router; the dispatch's local packing; the dispatch in flight
+while FFN0 and attention 1's q/kv projections compute; the experts; the combine in flight while attention 1's
 core attention, its output projection and FFN1 compute; the sum. The sequential
 schedule runs the same compute steps in the same order, waiting for each communication
 as soon as it is issued (model/schedule.py drives both).
@@ -42,7 +42,7 @@ class LayerState:
     without a cache) and whether this is a decoding step (one new position per sequence,
     after a cache: every rank is in the same phase). Then: h0 (after attention 0), u (its normed output, FFN0's and the
     MoE's input), tokens (u as rows [B*T, H]), routing (the router's choice), zero_out
-    (the zero experts' share, computed here), h1 (after FFN0), projected (attention 1's
+    (the zero experts' share, computed here), packed (the dispatch, routed and packed), h1 (after FFN0), projected (attention 1's
     queries and latent), received (what the dispatch brought this rank's experts),
     expert_out (their output rows), h2 (after attention 1), f1 (FFN1's output), moe (the
     MoE's output in token order) and out, the layer's output.
@@ -58,6 +58,7 @@ class LayerState:
     tokens: torch.Tensor | None = None
     routing: Routing | None = None
     zero_out: torch.Tensor | None = None
+    packed: Any = None
     h1: torch.Tensor | None = None
     projected: Projected | None = None
     received: Any = None
@@ -112,6 +113,7 @@ class ScMoELayer(nn.Module):
         return [
             Compute("attn0", self._attn0),
             Compute("router", self._router),
+            Compute("pack", self._pack),
             Issue("dispatch", self._dispatch),
             Compute("ffn0", self._ffn0),
             Compute("attn1_qkv", self._attn1_qkv),
@@ -135,8 +137,11 @@ class ScMoELayer(nn.Module):
             self.routing_counts += torch.bincount(s.routing.ids.reshape(-1).cpu(), minlength=self.routing_counts.numel())
         s.zero_out = zero_expert_output(s.tokens, s.routing, self.config.n_routed_experts)
 
+    def _pack(self, s: LayerState) -> None:
+        s.packed = self.exchange.prepare(s.tokens, s.routing, s.decoding)
+
     def _dispatch(self, s: LayerState):
-        return self.exchange.dispatch(s.tokens, s.routing, s.decoding)
+        return self.exchange.dispatch(s.packed)
 
     def _ffn0(self, s: LayerState) -> None:
         s.h1 = s.h0 + self.mlps[0](s.u)

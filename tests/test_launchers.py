@@ -95,3 +95,24 @@ def test_torchrun_rank_that_fails_says_so_in_one_line(tmp_path):
     )
     assert result.returncode != 0
     assert "moeport: error: rank 1 failed: RuntimeError: boom" in result.stderr.splitlines()
+
+
+def cores_of_this_rank(rt) -> list[int]:
+    """The cores this rank may run on."""
+    return sorted(os.sched_getaffinity(0))
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity"), reason="the platform cannot pin a process to cores")
+def test_spawned_ranks_keep_to_their_own_share_of_the_cores():
+    from moeport.launch.rank_env import core_shares
+    from moeport.testing import run_ranks
+
+    usable = sorted(os.sched_getaffinity(0))
+    got = run_ranks(cores_of_this_rank, 2, "cpu-gloo", timeout_s=120)
+    if len(usable) >= 2:
+        assert [set(cores) for cores in got] == core_shares(2)
+        assert got[0] and got[1] and not set(got[0]) & set(got[1]) and set(got[0]) | set(got[1]) <= set(usable)
+    else:
+        assert got == [usable, usable]
+    many = len(usable) + 1  # more ranks than cores: no pinning, every rank on every core
+    assert core_shares(many) is None

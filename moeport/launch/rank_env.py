@@ -63,6 +63,23 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def core_shares(ranks_on_machine: int) -> list[set[int]] | None:
+    """Each rank's own cores, in rank order: the usable cores split into equal, consecutive shares; None where
+    there are fewer cores than ranks (or the platform cannot pin), and the ranks share them all.
+
+    A rank whose threads (compute, and its collective library's) keep to its own cores is not held
+    up when another rank's threads wake on the core it computes on.
+    """
+    try:
+        usable = sorted(os.sched_getaffinity(0))
+    except AttributeError:
+        return None
+    per = len(usable) // max(1, ranks_on_machine)
+    if per < 1:
+        return None
+    return [set(usable[rank * per:(rank + 1) * per]) for rank in range(ranks_on_machine)]
+
+
 def threads_per_rank(ranks_on_machine: int) -> int:
     """torch threads for each of `ranks_on_machine` ranks so that together they do not oversubscribe the cores."""
     return max(1, usable_cores() // max(1, ranks_on_machine))

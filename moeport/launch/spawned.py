@@ -20,7 +20,7 @@ import time
 from typing import Any, Callable, Iterator, Sequence
 
 from moeport.launch.failures import RankFailure, error_report, failure_from_report, ok_report, signal_name
-from moeport.launch.rank_env import SPAWNED_ENV, threads_per_rank
+from moeport.launch.rank_env import SPAWNED_ENV, core_shares, threads_per_rank
 
 #: How often each rank's watcher thread beats (seconds), and how long without a beat counts as silent.
 HEARTBEAT_S = 0.5
@@ -42,10 +42,14 @@ def _rank_main(
     threads: int,
     parent_pid: int,
     heartbeats: Any,
+    cores: set[int] | None,
     target: Callable[..., Any],
     args: Sequence[Any],
 ) -> None:
-    """In a spawned rank: run `target(*args)` and send this rank's report to the launcher over `conn`."""
+    """In a spawned rank: keep to its own `cores` (every thread it starts too), run `target(*args)` and send
+    this rank's report to the launcher over `conn`."""
+    if cores:
+        os.sched_setaffinity(0, cores)
     os.environ.update(env)
     rank = int(env["RANK"])
     threading.Thread(target=_watch_parent, args=(parent_pid, heartbeats, rank), daemon=True).start()
@@ -127,7 +131,9 @@ def spawn(
 
 def _start_ranks(ctx: Any, world_size: int, port: int, threads: int, heartbeats: Any, target: Callable[..., Any],
                  args: Sequence[Any], processes: list, conns: list) -> None:
-    """Start one process per rank, appending each (and the launcher's end of its pipe) as it starts."""
+    """Start one process per rank, each on its own share of the cores, appending each (and the launcher's end
+    of its pipe) as it starts."""
+    shares = core_shares(world_size)
     for rank in range(world_size):
         parent_end, child_end = ctx.Pipe(duplex=False)
         env = {
@@ -141,7 +147,7 @@ def _start_ranks(ctx: Any, world_size: int, port: int, threads: int, heartbeats:
         }
         p = ctx.Process(
             target=_rank_main,
-            args=(child_end, env, threads, os.getpid(), heartbeats, target, args),
+            args=(child_end, env, threads, os.getpid(), heartbeats, None if shares is None else shares[rank], target, args),
             name=f"moeport-rank-{rank}",
             daemon=True,
         )
