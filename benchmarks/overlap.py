@@ -1,6 +1,6 @@
 """The overlap schedule against the sequential one, side by side in one run.
 
-    python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 8] [--length 128]
+    python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 8] [--length 128] [--plot FILE.png]
 
 On spawned ranks of the profile (default: emulated-link, then plain cpu-gloo), the
 same model alternates between the two schedules (interleaved repeats, barrier before
@@ -9,6 +9,9 @@ logits only) and for decode steps (8 timed together per repeat).
 Prints the median step times, the ratio overlap/sequential, and the hidden share of
 the communication under the overlap schedule (targets with the emulated link:
 ratio <= 0.7, hidden share >= 80%; on plain gloo: ratio <= 1).
+With --plot, draws the last repeat's timelines, sequential above overlap on one time axis
+per phase (one prefill layer, one decode step), per rank, to FILE.png (one profile) or
+FILE-PROFILE.png (several).
 """
 
 from __future__ import annotations
@@ -23,51 +26,76 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from moeport.jobs import build_model, run_on_ranks  # noqa: E402
-from moeport.model.timeline import Timeline, summarize  # noqa: E402
+from moeport.jobs import PhaseTimeline, build_model, run_on_ranks, span_dicts  # noqa: E402
+from moeport.model.timeline import summarize  # noqa: E402
 from moeport.profile import load_profile  # noqa: E402
+from moeport.report import profile_name  # noqa: E402
+from moeport.timeline_plot import draw_timelines  # noqa: E402
 
 #: decode steps timed together per repeat (one step alone is too short to time reliably)
 DECODE_STEPS = 8
 
 
-def _timed(rt, model, run, steps: int = 1) -> tuple[float, dict]:
-    """Seconds per step of `steps` calls of `run`, and the timeline figures per step."""
-    model.timeline = Timeline.for_backend(rt.backend)
+def _timed(rt, model, run, phase: str, steps: int = 1) -> tuple[float, dict, list[dict]]:
+    """Seconds per step of `steps` calls of `run`, the timeline figures per step, and the spans (tagged with
+    `phase` and the step)."""
+    timeline = model.timeline = PhaseTimeline.for_backend(rt.backend)
+    timeline.phase = phase
     rt.comm.barrier()
     start = time.perf_counter()
-    for _ in range(steps):
+    for step in range(steps):
+        timeline.step = step
         run()
     rt.backend.synchronize()
     elapsed = time.perf_counter() - start
+    tagged = timeline.tagged_spans()
     figures = {name: value if name == "hidden_share" else value / steps
-               for name, value in summarize(model.timeline.spans()).items()}
+               for name, value in summarize([span for span, _, _ in tagged]).items()}
     model.timeline = None
-    return elapsed / steps, figures
+    return elapsed / steps, figures, span_dicts(tagged)
 
 
 def measure(rt, batch: int, length: int, repeats: int) -> dict:
-    """On one rank: per (phase, schedule) the step times and timeline figures of every repeat."""
+    """On one rank: per (phase, schedule) the step times and timeline figures of every repeat; under "spans",
+    per schedule, the last repeat's spans of both phases (what --plot draws)."""
     model = build_model(rt)
     gen = torch.Generator().manual_seed(rt.rank)
     ids = torch.randint(0, model.config.vocab_size, (batch, length), generator=gen)
-    results: dict = {}
+    results: dict = {"spans": {"sequential": [], "overlap": []}}
     with torch.no_grad():
         model(ids)  # warm-up
         for i in range(repeats):
             order = ("overlap", "sequential") if i % 2 else ("sequential", "overlap")
             for schedule in order:
                 model.schedule = schedule
-                results.setdefault(("prefill", schedule), []).append(
-                    _timed(rt, model, lambda: model(ids, logits_to_keep=1)))
+                seconds, figures, prefill_spans = _timed(rt, model, lambda: model(ids, logits_to_keep=1), "prefill")
+                results.setdefault(("prefill", schedule), []).append((seconds, figures))
                 caches = model.new_caches(batch, length + DECODE_STEPS)
                 model.schedule = "sequential"
                 model(ids, caches)
                 model.schedule = schedule
                 step = ids[:, -1:]
-                results.setdefault(("decode", schedule), []).append(
-                    _timed(rt, model, lambda: model(step, caches, logits_to_keep=1), DECODE_STEPS))
+                seconds, figures, decode_spans = _timed(
+                    rt, model, lambda: model(step, caches, logits_to_keep=1), "decode", DECODE_STEPS)
+                results.setdefault(("decode", schedule), []).append((seconds, figures))
+                results["spans"][schedule] = prefill_spans + decode_spans
     return results
+
+
+def plot(path: str, title: str, results: list[dict]) -> bool:
+    """Draw every rank's last-repeat timelines, sequential above overlap, to the PNG `path` (one time axis per
+    phase: one prefill layer, one decode step); False (nothing written) without matplotlib."""
+    rows = [(f"rank {rank}, {schedule}", r["spans"][schedule])
+            for rank, r in enumerate(results) for schedule in ("sequential", "overlap")]
+    return draw_timelines(path, rows, title)
+
+
+def plot_path(path: str, name: str, several: bool) -> str:
+    """Where --plot writes a profile's picture: `path` itself for one profile, PATH-NAME.png for several."""
+    if not several:
+        return path
+    stem, ext = os.path.splitext(path)
+    return f"{stem}-{name}{ext or '.png'}"
 
 
 def report(name: str, results: list[dict]) -> None:
@@ -99,13 +127,20 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--length", type=int, default=128)
+    parser.add_argument("--plot", metavar="FILE.png", help="draw sequential above overlap, per phase and rank")
     args = parser.parse_args()
-    for name in args.profile or ["emulated-link", "cpu-gloo"]:
+    names = args.profile or ["emulated-link", "cpu-gloo"]
+    for name in names:
         profile = load_profile(name)
         if name == "cpu-gloo":
             profile = profile.replace(model={"preset": "small"})
         results = run_on_ranks(measure, (args.batch, args.length, args.repeats), profile, timeout_s=1800)
         report(name, results)
+        if args.plot and results:
+            path = plot_path(args.plot, profile_name(profile), len(names) > 1)
+            title = f"benchmarks/overlap.py: profile {profile_name(profile)}, sequential vs overlap (last repeat)"
+            if plot(path, title, results):
+                print(f"  wrote {path}")
     return 0
 
 

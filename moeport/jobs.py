@@ -19,6 +19,7 @@ import torch
 from moeport.base.errors import UserError
 from moeport.launch import detect_rank_env, spawn
 from moeport.launch.failures import error_report, failure_from_report
+from moeport.model.timeline import Span, Timeline, summarize
 from moeport.profile import Profile, model_config_of
 from moeport.runtime import Runtime
 
@@ -178,13 +179,45 @@ def generate_job(rt: Runtime, tokens: np.ndarray, new_tokens: int, sampling: dic
     return None if full is None else full.cpu().numpy()
 
 
+#: The phases of the main job, in the order it runs them: one prefill forward, then decode steps.
+PHASES = ("prefill", "decode")
+
+
+class PhaseTimeline(Timeline):
+    """A Timeline whose spans also say the phase ("prefill" / "decode") and the step of it they belong to.
+
+    Used by `run_job` and benchmarks/overlap.py, which set `phase` and `step` before each forward;
+    `tagged_spans()` then gives (Span, phase, step) per span, in the order they were recorded.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        self.phase = PHASES[0]
+        self.step = 0
+        self._tags: list[tuple[str, int]] = []
+        super().__init__(*args, **kwargs)
+
+    def add(self, name: str, track: str, start: Any, end: Any, *blocked: Any) -> None:
+        """Timeline.add, remembering the phase and step current now."""
+        super().add(name, track, start, end, *blocked)
+        self._tags.append((self.phase, self.step))
+
+    def tagged_spans(self) -> list[tuple[Span, str, int]]:
+        """(Span, phase, step) of every interval recorded so far, in the order recorded."""
+        return [(span, phase, step) for span, (phase, step) in zip(self.spans(), self._tags)]
+
+
+def span_dicts(tagged: list[tuple[Span, str, int]]) -> list[dict[str, Any]]:
+    """Spans as the reports take them: Span's fields, with `phase` and `step`."""
+    return [{**vars(span), "phase": phase, "step": step} for span, phase, step in tagged]
+
+
 def run_job(rt: Runtime, iterations: int, batch: int, prompt: int) -> dict[str, Any]:
     """The main job on one rank: a prefill of `batch` x `prompt` tokens, then `iterations` decode steps.
 
-    Returns this rank's timings, its timeline summary, and its routing counts.
+    Returns this rank's timings, its timeline summary (over the whole run, and per phase under
+    "phases"), its spans (each tagged with its phase and step: the prefill is step 0, the decode
+    steps 0 .. iterations - 1), and its routing counts.
     """
-    from moeport.model.timeline import Timeline, summarize
-
     model = build_model(rt)
     config = model.config
     generator = torch.Generator().manual_seed(rt.profile.seed * 7919 + rt.rank)
@@ -197,19 +230,21 @@ def run_job(rt: Runtime, iterations: int, batch: int, prompt: int) -> dict[str, 
         counts.zero_()
         caches = model.new_caches(batch, prompt + iterations)
         rt.comm.barrier()
-        model.timeline = Timeline.for_backend(rt.backend)
+        timeline = model.timeline = PhaseTimeline.for_backend(rt.backend)
         started = time.perf_counter()
         logits = model(ids, caches, logits_to_keep=1)[:, -1]
         rt.backend.synchronize()
         prefill_s = time.perf_counter() - started
+        timeline.phase = "decode"
         step_times = []
-        for _ in range(iterations):
+        for step in range(iterations):
+            timeline.step = step
             step_start = time.perf_counter()
             logits = model(logits.argmax(-1, keepdim=True), caches, logits_to_keep=1)[:, -1]
             rt.backend.synchronize()
             step_times.append(time.perf_counter() - step_start)
         total_s = time.perf_counter() - started
-        spans = model.timeline.spans()
+        tagged = timeline.tagged_spans()
         model.timeline = None
     return {
         "rank": rt.rank,
@@ -221,6 +256,7 @@ def run_job(rt: Runtime, iterations: int, batch: int, prompt: int) -> dict[str, 
         "generated_tokens": batch * iterations,
         "expert_counts": counts.tolist(),
         "n_routed_experts": config.n_routed_experts,
-        "timeline": summarize(spans),
-        "spans": [vars(s) for s in spans],
+        "timeline": summarize([span for span, _, _ in tagged]),
+        "phases": {phase: summarize([span for span, p, _ in tagged if p == phase]) for phase in PHASES},
+        "spans": span_dicts(tagged),
     }

@@ -149,6 +149,7 @@ def test_run_writes_traces_and_png(tmp_path):
     names = {e["name"] for e in events}
     assert {"attn0", "router", "ffn0", "attn1_qkv", "experts", "attn1_core", "ffn1", "dispatch", "combine"} <= names
     assert {e["tid"] for e in events} == {1, 2}  # compute and comm on separate tracks
+    assert {e["args"]["phase"] for e in events} == {"prefill", "decode"}  # every span says its phase
     assert all(e["dur"] >= 0 for e in events)
     png = (out / "timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
