@@ -6,30 +6,47 @@ off) its link for that operation. The wait is a deadline slept out, not a busy
 loop, so the CPU stays free for the compute the schedule overlaps with it. This
 lets overlap be studied, and tested, on a machine whose real transport (shared
 memory, loopback) is far faster than the interconnects LongCat is served on.
+
+Only the caller waits out a modelled time, at its Handle: an all_to_all whose row
+counts travel first runs both exchanges at the inner library's pace, and is modelled
+as the counts, then the rows, added once to the operation as a whole; no thread sits
+out the counts' delay beside the compute.
 """
 
 from __future__ import annotations
 
+import math
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from moeport.collectives.base import Communicator, Handle, ReduceOp
+from moeport.collectives.base import Communicator, CompletedHandle, Handle, ReduceOp
 
 
 class DeadlineHandle(Handle):
-    """An operation that is complete once the inner one is and its modelled link time has passed."""
+    """An operation that is complete once the inner one is and its modelled link time has passed.
 
-    def __init__(self, inner: Handle, deadline: float, op: str) -> None:
+    `deadline` is a time (time.perf_counter()), or a function of the inner operation's result
+    giving it, for an operation whose bytes are known only once it has run (an all_to_all whose
+    counts travel first).
+    """
+
+    def __init__(self, inner: Handle, deadline: float | Callable[[Any], float], op: str) -> None:
         self._inner = inner
-        self.deadline = deadline
+        self._deadline_of = deadline if callable(deadline) else None
+        self.deadline = None if callable(deadline) else deadline
         self._op = op
+
+    def _deadline(self, result: Any) -> float:
+        if self.deadline is None:
+            self.deadline = self._deadline_of(result)
+        return self.deadline
 
     def wait(self, timeout: float | None = None) -> Any:
         started = time.perf_counter()
         result = self._inner.wait(timeout)
-        remaining = self.deadline - time.perf_counter()
+        remaining = self._deadline(result) - time.perf_counter()
         if remaining > 0:
             if timeout is not None and (time.perf_counter() - started) + remaining > timeout:
                 raise TimeoutError(f"{self._op} did not complete within {timeout:g} s on the emulated link")
@@ -37,7 +54,9 @@ class DeadlineHandle(Handle):
         return result
 
     def is_completed(self) -> bool:
-        return time.perf_counter() >= self.deadline and self._inner.is_completed()
+        if not self._inner.is_completed():
+            return False
+        return time.perf_counter() >= (self.deadline if self.deadline is not None else self._deadline(self._inner.wait()))
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
@@ -103,6 +122,40 @@ class EmulatedLink(Communicator):
         sent = sum(rows for peer, rows in enumerate(input_splits) if peer != self.rank)
         received = sum(rows for peer, rows in enumerate(output_splits) if peer != self.rank)
         return self._delayed("all_to_all", handle, max(sent, received) * row, t)
+
+    def all_to_all_with_counts(self, tensor: torch.Tensor, input_splits: Sequence[int],
+                               output: torch.Tensor | Callable[[int], torch.Tensor] | None = None,
+                               async_op: bool = False) -> Any:
+        """The inner communicator's all_to_all_with_counts, complete no sooner than the counts' link time and
+        then the rows' (`counts_then_rows_seconds`).
+
+        Both exchanges run at the inner library's own pace: no thread sits out the counts' modelled
+        time before the rows are issued, so nothing waits beside the caller's compute; the modelled
+        time is added once, to the operation as a whole.
+        """
+        issued = time.perf_counter()
+        ins = list(input_splits)
+        inner = self.inner.all_to_all_with_counts(tensor, ins, output, async_op=async_op)
+        if self.world_size == 1:
+            return inner
+        row_bytes = tensor.element_size() * math.prod(tensor.shape[1:])
+
+        def deadline(result: tuple[torch.Tensor, list[int]]) -> float:
+            seconds = self.counts_then_rows_seconds(ins, result[1], row_bytes)
+            self.modelled_seconds += seconds
+            return issued + seconds
+
+        if async_op:
+            return DeadlineHandle(inner, deadline, "all_to_all_with_counts")
+        return DeadlineHandle(CompletedHandle(inner), deadline, "all_to_all_with_counts").wait(self.timeout_s)
+
+    def counts_then_rows_seconds(self, input_splits: Sequence[int], output_splits: Sequence[int],
+                                 row_bytes: int) -> float:
+        """Modelled time of an all_to_all whose row counts travel first: one int64 per peer, then the rows
+        (the larger of those sent to and received from other ranks), one after the other on the link."""
+        others = [peer for peer in range(self.world_size) if peer != self.rank]
+        rows = max(sum(input_splits[p] for p in others), sum(output_splits[p] for p in others))
+        return self.link_seconds(8 * len(others)) + self.link_seconds(rows * row_bytes)
 
     def _broadcast(self, tensor: torch.Tensor, src: int) -> Handle:
         t = time.perf_counter()

@@ -73,3 +73,56 @@ def test_single_rank_group_is_not_delayed():
 def test_profile_numbers_match_the_shipped_emulated_link():
     link = load_profile("emulated-link").emulated_link
     assert link is not None and link.latency_us > 0 and link.bandwidth_gbps > 0
+
+
+COUNTS_LATENCY_US = 40000.0  # 40 ms per exchange: long enough to look inside while it is in flight
+
+
+def threads_waiting_on_the_link() -> list[str]:
+    """The names of this process's threads that are inside the emulated link's wait (sleeping out a deadline)."""
+    import sys
+    import threading
+
+    names = {t.ident: t.name for t in threading.enumerate()}
+    waiting = []
+    for ident, frame in sys._current_frames().items():
+        while frame is not None:
+            if frame.f_code.co_filename.endswith("emulated_link.py") and frame.f_code.co_name == "wait":
+                waiting.append(names.get(ident, str(ident)))
+                break
+            frame = frame.f_back
+    return waiting
+
+
+def counts_first_behaviour(rt):
+    comm = rt.groups.ep
+    ins = [3, 5] if rt.rank == 0 else [7, 0]
+    x = torch.arange(sum(ins) * 4, dtype=torch.float32).reshape(-1, 4) + 100 * rt.rank
+    expected_rows, expected_splits = comm.inner.all_to_all_with_counts(x, ins)
+    comm.barrier()
+    issued = time.perf_counter()
+    handle = comm.all_to_all_with_counts(x, ins, async_op=True)
+    time.sleep(COUNTS_LATENCY_US * 1e-6 * 1.5)  # past the counts' modelled time, before the rows'
+    in_flight = threads_waiting_on_the_link()
+    done_early = handle.is_completed()
+    rows, splits = handle.wait()
+    took = time.perf_counter() - issued
+    return {
+        "exact": torch.equal(rows, expected_rows) and splits == expected_splits,
+        "waiting": in_flight, "done_early": done_early, "took": took,
+        "modelled": comm.counts_then_rows_seconds(ins, splits, 4 * 4),
+    }
+
+
+def test_an_exchange_with_counts_is_modelled_whole_and_no_thread_waits_beside_the_caller():
+    """The counts then the rows, one after the other on the link; while it is in flight, no thread (the
+    communicator's worker included) sleeps out a modelled delay: only the caller waits, at the Handle."""
+    profile = load_profile("emulated-link").replace(
+        emulated_link={"latency_us": COUNTS_LATENCY_US, "bandwidth_gbps": BANDWIDTH_GBPS}
+    )
+    for r in run_ranks(counts_first_behaviour, 2, profile, timeout_s=120):
+        assert r["exact"]
+        assert r["waiting"] == []
+        assert not r["done_early"]
+        assert r["modelled"] >= 2 * COUNTS_LATENCY_US * 1e-6
+        assert r["modelled"] <= r["took"] < r["modelled"] + 0.5
