@@ -6,9 +6,14 @@ On spawned ranks of the profile (default: emulated-link, then plain cpu-gloo), t
 same model alternates between the two schedules (interleaved repeats, barrier before
 each), for a prefill forward of batch x length tokens per rank (as served: next-token
 logits only) and for decode steps (8 timed together per repeat).
-Prints the median step times, the ratio overlap/sequential, and the hidden share of
-the communication under the overlap schedule (targets with the emulated link:
-ratio <= 0.7, hidden share >= 80%; on plain gloo: ratio <= 1).
+Prints per phase the median step times, the ratio overlap/sequential, and the hidden
+share of the communication under the overlap schedule; where a step's time goes under
+the overlap schedule (the dense compute inside the communications' windows, the exposed
+communication, the experts, the rest: attention 0, the router, packing, the sum); and
+the balance: under the sequential schedule, the communication over the dense work of
+its windows (a profile meant to study overlap keeps it between 0.7x and 1.3x).
+Targets: emulated-link prefill ratio <= 0.75 with >= 85% hidden; emulated-link-decode
+decode ratio <= 0.8 with >= 80% hidden; plain gloo within 3% of sequential or faster.
 With --plot, draws the last repeat's timelines, sequential above overlap on one time axis
 per phase (one prefill layer, one decode step), per rank, to FILE.png (one profile) or
 FILE-PROFILE.png (several).
@@ -27,6 +32,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from moeport.jobs import PhaseTimeline, build_model, run_on_ranks, span_dicts  # noqa: E402
+from moeport.model.schedule import overlap_windows  # noqa: E402
 from moeport.model.timeline import summarize  # noqa: E402
 from moeport.profile import load_profile  # noqa: E402
 from moeport.report import profile_name  # noqa: E402
@@ -37,8 +43,8 @@ DECODE_STEPS = 8
 
 
 def _timed(rt, model, run, phase: str, steps: int = 1) -> tuple[float, dict, list[dict]]:
-    """Seconds per step of `steps` calls of `run`, the timeline figures per step, and the spans (tagged with
-    `phase` and the step)."""
+    """Seconds per step of `steps` calls of `run`, the timeline figures per step (`where_time_goes` too), and
+    the spans (tagged with `phase` and the step)."""
     timeline = model.timeline = PhaseTimeline.for_backend(rt.backend)
     timeline.phase = phase
     rt.comm.barrier()
@@ -49,10 +55,22 @@ def _timed(rt, model, run, phase: str, steps: int = 1) -> tuple[float, dict, lis
     rt.backend.synchronize()
     elapsed = time.perf_counter() - start
     tagged = timeline.tagged_spans()
-    figures = {name: value if name == "hidden_share" else value / steps
-               for name, value in summarize([span for span, _, _ in tagged]).items()}
+    spans = [span for span, _, _ in tagged]
+    totals = {**summarize(spans), **where_time_goes(model, spans)}
+    figures = {name: value if name == "hidden_share" else value / steps for name, value in totals.items()}
     model.timeline = None
     return elapsed / steps, figures, span_dicts(tagged)
+
+
+def where_time_goes(model, spans) -> dict:
+    """Seconds of the dense compute that runs in the communications' windows (the Compute steps between an
+    Issue and its Wait: ffn0, attn1_qkv, attn1_core, ffn1) and of the experts, over `spans`."""
+    windows = {name for names in overlap_windows(model.model.layers[0].steps()).values() for name in names}
+    computes = [s for s in spans if s.track == "compute"]
+    return {
+        "window_compute_seconds": sum(s.ms for s in computes if s.name in windows) / 1e3,
+        "experts_seconds": sum(s.ms for s in computes if s.name == "experts") / 1e3,
+    }
 
 
 def measure(rt, batch: int, length: int, repeats: int) -> dict:
@@ -119,6 +137,23 @@ def report(name: str, results: list[dict]) -> None:
             f"ratio {medians['overlap'] / medians['sequential']:.3f}  hidden share {hidden:.1%}  "
             f"comm {seq_comm * 1e3:.2f} ms (sequential) / {comm * 1e3:.2f} ms (overlap)"
         )
+        print(breakdown_line(phase, results, medians["overlap"]))
+        window = statistics.median(f["window_compute_seconds"] for r in results for _, f in r[(phase, "sequential")])
+        print(f"    balance (sequential): comm / the dense work of its windows {seq_comm / window:.2f}x "
+              f"({seq_comm * 1e3:.2f} / {window * 1e3:.2f} ms)")
+
+
+def breakdown_line(phase: str, results: list[dict], step_seconds: float) -> str:
+    """Where a step of `phase` goes under the overlap schedule (medians over ranks and repeats): the dense compute
+    inside the communications' windows, the exposed communication, the experts, and the rest of the step."""
+    figures = [f for r in results for _, f in r[(phase, "overlap")]]
+    parts = {key: statistics.median(f[key] for f in figures)
+             for key in ("window_compute_seconds", "exposed_comm_seconds", "experts_seconds")}
+    rest = step_seconds - sum(parts.values())
+    what = "per decode step" if phase == "decode" else "per prefill"
+    return (f"    overlap, {what}: dense compute in the windows {parts['window_compute_seconds'] * 1e3:.2f} ms, "
+            f"exposed comm {parts['exposed_comm_seconds'] * 1e3:.2f} ms, experts {parts['experts_seconds'] * 1e3:.2f} "
+            f"ms, rest {rest * 1e3:.2f} ms (of {step_seconds * 1e3:.2f} ms)")
 
 
 def main() -> int:

@@ -62,6 +62,23 @@ class _InFlight:
     waited: tuple[Any, Any] | None = None
 
 
+def overlap_windows(steps: Iterable[Step]) -> dict[str, list[str]]:
+    """Per communication of a step list, the Compute steps between its Issue and its Wait: the dense work the
+    overlap schedule runs while it is in flight (its window), in order."""
+    windows: dict[str, list[str]] = {}
+    open_now: list[str] = []
+    for step in steps:
+        if isinstance(step, Issue):
+            windows[step.name] = []
+            open_now.append(step.name)
+        elif isinstance(step, Wait):
+            open_now.remove(step.name)
+        else:
+            for name in open_now:
+                windows[name].append(step.name)
+    return windows
+
+
 def _wait(op: _InFlight, timeline: Timeline | None) -> None:
     before = timeline.mark() if timeline is not None else None
     op.result = op.handle.wait()

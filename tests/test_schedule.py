@@ -153,3 +153,11 @@ def test_run_writes_traces_and_png(tmp_path):
     assert all(e["dur"] >= 0 for e in events)
     png = (out / "timeline.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_overlap_windows_are_the_compute_steps_between_issue_and_wait():
+    from moeport.model import PRESETS, LongcatForCausalLM
+    from moeport.model.schedule import overlap_windows
+
+    layer = LongcatForCausalLM(PRESETS["tiny"]).model.layers[0]
+    assert overlap_windows(layer.steps()) == {"dispatch": ["ffn0", "attn1_qkv"], "combine": ["attn1_core", "ffn1"]}
