@@ -2,18 +2,19 @@
 
     python benchmarks/overlap.py [--profile emulated-link] [--repeats 7] [--batch 8] [--length 128] [--plot FILE.png]
 
-On spawned ranks of the profile (default: emulated-link, then plain cpu-gloo), the
-same model alternates between the two schedules (interleaved repeats, barrier before
-each), for a prefill forward of batch x length tokens per rank (as served: next-token
-logits only) and for decode steps (8 timed together per repeat).
+On spawned ranks of each profile (default: emulated-link, then plain cpu-gloo on the
+small model), the same model alternates between the two schedules (interleaved
+repeats, barrier before each), for a prefill forward of batch x length tokens per
+rank (as served: next-token logits only) and for decode steps (8 timed together per
+repeat).
 Prints per phase the median step times, the ratio overlap/sequential, and the hidden
 share of the communication under the overlap schedule; where a step's time goes under
 the overlap schedule (the dense compute inside the communications' windows, the exposed
 communication, the experts, the rest: attention 0, the router, packing, the sum); and
 the balance: under the sequential schedule, the communication over the dense work of
 its windows (a profile meant to study overlap keeps it between 0.7x and 1.3x).
-Targets: emulated-link prefill ratio <= 0.75 with >= 85% hidden; emulated-link-decode
-decode ratio <= 0.8 with >= 80% hidden; plain gloo within 3% of sequential or faster.
+Targets: on emulated-link, prefill ratio <= 0.75 with >= 85% hidden, decoding ratio <= 0.8
+with >= 80% hidden; on plain gloo, within 3% of sequential or faster in both phases.
 With --plot, draws the last repeat's timelines, sequential above overlap on one time axis
 per phase (one prefill layer, one decode step), per rank, to FILE.png (one profile) or
 FILE-PROFILE.png (several).
