@@ -26,6 +26,7 @@ from moeport.base.errors import UserError
 from moeport.collectives.expert_layout import ExpertLayout
 from moeport.model.config import LongcatConfig
 from moeport.model.context import ModelContext, ProvidesModelContext
+from moeport.model.generation import GenerationDefaults
 from moeport.model.lm import LongcatForCausalLM
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -303,6 +304,7 @@ def load_pretrained(
     config = LongcatConfig.from_file(path)
     model = LongcatForCausalLM(config, runtime)
     load_weights(model, path)
+    model.generation_defaults = GenerationDefaults.read(path)
     if runtime is not None:
         model.place(model.context.device, model.context.dtype)
     elif dtype is not None:

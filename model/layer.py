@@ -27,11 +27,13 @@ from moeport.model.config import LongcatConfig
 from moeport.model.exchange import ExpertExchange
 from moeport.model.experts import ExpertFFNs
 from moeport.model.ffn import SwiGLU
-from moeport.model.mla import MLA, LatentCache, Projected
+from moeport.model.cache import LatentCache
+from moeport.model.mla import MLA, Projected
 from moeport.model.norm import RMSNorm
 from moeport.model.router import Router, Routing, zero_expert_output
 from moeport.model.schedule import Compute, Issue, Step, Wait, run_steps
 from moeport.model.timeline import Timeline
+from moeport.model.token_layout import TokenLayout
 
 
 @dataclasses.dataclass
@@ -39,9 +41,11 @@ class LayerState:
     """What one layer's steps read and fill, in the order the steps fill it.
 
     In: x [B, T, H], the rotation cos / sin, the two attention sublayers' caches (None
-    without a cache) and whether this is a decoding step (one new position per sequence,
-    after a cache: every rank is in the same phase). Then: h0 (after attention 0), u (its normed output, FFN0's and the
-    MoE's input), tokens (u as rows [B*T, H]), routing (the router's choice), zero_out
+    without a cache), whether this is a decoding step (one new position per sequence,
+    after a cache: every rank is in the same phase) and the token layout (None: no padding,
+    every sequence alike; else which positions are real, which keys each sees). Then: h0
+    (after attention 0), u (its normed output, FFN0's and the
+    MoE's input), tokens (u's real rows [N, H]: padding takes no expert slot), routing (the router's choice), zero_out
     (the zero experts' share, computed here), packed (the dispatch, routed and packed), h1 (after FFN0), projected (attention 1's
     queries and latent), received (what the dispatch brought this rank's experts),
     expert_out (their output rows), h2 (after attention 1), f1 (FFN1's output), moe (the
@@ -53,6 +57,7 @@ class LayerState:
     sin: torch.Tensor
     caches: tuple[LatentCache, LatentCache] | None = None
     decoding: bool = False
+    layout: TokenLayout | None = None
     h0: torch.Tensor | None = None
     u: torch.Tensor | None = None
     tokens: torch.Tensor | None = None
@@ -103,10 +108,16 @@ class ScMoELayer(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 caches: tuple[LatentCache, LatentCache] | None = None, schedule: str = "overlap",
-                timeline: Timeline | None = None) -> torch.Tensor:
-        """The layer's output for x [B, T, H], its steps driven by `schedule` (timed on `timeline` if given)."""
-        decoding = caches is not None and x.shape[1] == 1
-        return run_steps(self.steps(), LayerState(x, cos, sin, caches, decoding), schedule, timeline).out
+                timeline: Timeline | None = None, layout: TokenLayout | None = None,
+                decoding: bool | None = None) -> torch.Tensor:
+        """The layer's output for x [B, T, H], its steps driven by `schedule` (timed on `timeline` if given).
+
+        `decoding` (default: one new position per sequence after a cache) is the phase, which every
+        expert-parallel rank must share; `layout` as TokenLayout.
+        """
+        if decoding is None:
+            decoding = caches is not None and x.shape[1] == 1
+        return run_steps(self.steps(), LayerState(x, cos, sin, caches, decoding, layout), schedule, timeline).out
 
     def steps(self) -> list[Step]:
         """The layer's steps, in the order they run under the overlap schedule."""
@@ -127,11 +138,13 @@ class ScMoELayer(nn.Module):
         ]
 
     def _attn0(self, s: LayerState) -> None:
-        s.h0 = s.x + self.self_attn[0](self.input_layernorm[0](s.x), s.cos, s.sin, s.cache(0))
+        s.h0 = s.x + self.self_attn[0](self.input_layernorm[0](s.x), s.cos, s.sin, s.cache(0), s.layout)
         s.u = self.post_attention_layernorm[0](s.h0)
 
     def _router(self, s: LayerState) -> None:
         s.tokens = s.u.reshape(-1, s.u.shape[-1])
+        if s.layout is not None:
+            s.tokens = s.tokens.index_select(0, s.layout.real_rows)
         s.routing = self.mlp.router(s.tokens)
         if self.routing_counts is not None:
             self.routing_counts += torch.bincount(s.routing.ids.reshape(-1).cpu(), minlength=self.routing_counts.numel())
@@ -159,13 +172,16 @@ class ScMoELayer(nn.Module):
         return self.exchange.combine(s.expert_out)
 
     def _attn1_core(self, s: LayerState) -> None:
-        s.h2 = s.h1 + self.self_attn[1].attend(s.projected, s.cache(1))
+        s.h2 = s.h1 + self.self_attn[1].attend(s.projected, s.cache(1), s.layout)
 
     def _ffn1(self, s: LayerState) -> None:
         s.f1 = self.mlps[1](self.post_attention_layernorm[1](s.h2))
 
     def _combined(self, s: LayerState, moe_ffn: torch.Tensor) -> None:
-        s.moe = (moe_ffn + s.zero_out).view_as(s.h2)
+        moe = moe_ffn + s.zero_out
+        if s.layout is not None:  # padded rows get nothing from the MoE
+            moe = moe.new_zeros((s.h2.numel() // s.h2.shape[-1], moe.shape[-1])).index_copy_(0, s.layout.real_rows, moe)
+        s.moe = moe.view_as(s.h2)
 
     def _sum(self, s: LayerState) -> None:
         s.out = s.h2 + s.f1 + s.moe

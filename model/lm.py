@@ -7,6 +7,8 @@ Tensor names follow the HF checkpoint: model.embed_tokens, model.layers.N...., m
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import nn
 
@@ -15,13 +17,14 @@ from moeport.collectives.expert_layout import ExpertLayout
 from moeport.model.config import LongcatConfig
 from moeport.model.context import ModelContext, ProvidesModelContext, context_of
 from moeport.model.exchange import new_exchange
+from moeport.model.generation import FROM_CHECKPOINT, GenerationDefaults, generate
 from moeport.model.layer import ScMoELayer
-from moeport.model.mla import LatentCache, rope_cos_sin, rope_inverse_frequencies
+from moeport.model.cache import Caches
+from moeport.model.mla import rope_cos_sin, rope_inverse_frequencies
 from moeport.model.norm import RMSNorm
 from moeport.model.timeline import Timeline
+from moeport.model.token_layout import TokenLayout, token_layout
 from moeport.model.workspace import Workspace
-
-Caches = list[tuple[LatentCache, LatentCache]]
 
 
 class LongcatModel(nn.Module):
@@ -62,6 +65,7 @@ class LongcatForCausalLM(nn.Module):
         self._rotation_table: tuple[torch.Tensor, torch.Tensor] | None = None  # cos, sin [1, 1, positions, rope]
         self.schedule = self.context.schedule
         self.timeline: Timeline | None = None  # set to time every step of every layer
+        self.generation_defaults = GenerationDefaults()  # the checkpoint's stop and pad ids (load_pretrained)
         workspace = Workspace()  # shared: it holds one layer's peak, not the sum over layers
         for layer in self.model.layers:
             layer.exchange = new_exchange(ep, self.layout, self.context.dispatch, self.context.max_tokens_per_rank)
@@ -84,31 +88,52 @@ class LongcatForCausalLM(nn.Module):
 
     def new_caches(self, batch: int, capacity: int) -> Caches:
         """Empty decoding caches for `batch` sequences of up to `capacity` positions."""
-        dtype, device = self.lm_head.weight.dtype, self.device
-        return [
-            (LatentCache.empty(batch, capacity, self.config, dtype, device), LatentCache.empty(batch, capacity, self.config, dtype, device))
-            for _ in self.model.layers
-        ]
+        return Caches.empty(len(self.model.layers), batch, capacity, self.config, self.lm_head.weight.dtype, self.device)
 
-    def forward(self, input_ids: torch.Tensor, caches: Caches | None = None, logits_to_keep: int = 0) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, caches: Caches | None = None, logits_to_keep: int = 0,
+                attention_mask: torch.Tensor | None = None, decoding: bool | None = None) -> torch.Tensor:
         """Logits [B, T, vocab] for token ids [B, T], continuing after what `caches` hold.
 
         `logits_to_keep` > 0 gives only the last that many positions' logits (as
         transformers' argument of that name): a prefill that only needs the next
-        token skips the rest of the vocabulary projection.
+        token skips the rest of the vocabulary projection. `attention_mask` [B, T]
+        (1 = real token, 0 = padding, as in transformers) lets sequences of different
+        lengths share a batch: each real token's logits are those of its sequence run
+        alone; padding is never cached, attended to or sent to an expert (its logits
+        are meaningless). `decoding` names the phase where the default (one new
+        position per sequence after a cache) does not fit, as when expert-parallel
+        ranks run different work in one step: every rank must pass the same.
         """
         if input_ids.device != self.device:
             input_ids = input_ids.to(self.device)
-        start = caches[0][0].length if caches else 0
+        batch, length = input_ids.shape
+        if caches is not None and caches.batch != batch:
+            raise ValueError(f"input_ids hold {batch} sequences; the caches {caches.batch}")
+        before = caches.lengths if caches is not None else [0] * batch
+        layout = token_layout(attention_mask, before, batch, length, self.device, cached=caches is not None)
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self._rotation(start, input_ids.shape[1], x.dtype)
+        cos, sin = self._rotation_of(layout, before, length, x.dtype)
         for index, layer in enumerate(self.model.layers):
             if self.timeline is not None:
                 self.timeline.layer = index
-            x = layer(x, cos, sin, None if caches is None else caches[index], self.schedule, self.timeline)
+            x = layer(x, cos, sin, None if caches is None else caches[index], self.schedule, self.timeline, layout,
+                      decoding)
+        if caches is not None:
+            caches.advance(layout.lengths_after if layout is not None else [n + length for n in before])
         if logits_to_keep > 0:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x))
+
+    def _rotation_of(self, layout: TokenLayout | None, before: list[int], length: int,
+                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rotation of this forward's positions: shared by every sequence ([1, 1, T, rope]) without a
+        layout, else each token's own ([B, 1, T, rope], from its position counting real tokens only)."""
+        start = before[0] if before else 0
+        if layout is None:
+            return self._rotation(start, length, dtype)
+        cos, sin = self._rotation(0, max(max(layout.lengths_after), 1), dtype)  # every position up to the last
+        index = layout.positions
+        return cos[0, 0][index].unsqueeze(1), sin[0, 0][index].unsqueeze(1)
 
     def _rotation(self, start: int, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """rope_cos_sin for positions start .. start + length - 1 ([1, 1, length, rope]), sliced from a table
@@ -132,46 +157,23 @@ class LongcatForCausalLM(nn.Module):
         top_k: int = 0,
         top_p: float = 1.0,
         seed: int | None = None,
+        attention_mask: torch.Tensor | None = None,
+        eos_token_id: int | Sequence[int] | None = FROM_CHECKPOINT,
+        pad_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Token ids [B, T + max_new_tokens]: greedy by default, sampled with `do_sample`.
+        """Token ids [B, T + n], n <= max_new_tokens: greedy by default, sampled with `do_sample`.
 
         Sampling applies `temperature`, then keeps the `top_k` most likely tokens
         (0: all) and the smallest set whose probability reaches `top_p`.
-        Decodes with the KV cache: the prompt once, then one position per step, in
-        torch's inference mode (less bookkeeping per operation than no_grad); the
-        returned ids are an ordinary tensor.
+        `attention_mask` [B, T] (1 = real, 0 = padding) runs prompts of different
+        lengths together, left-padded as in transformers. Each sequence stops at its
+        first token in `eos_token_id` (one id or a list; None: the checkpoint's
+        generation_config.json, where it names one; an empty list: never), after which
+        it is filled with `pad_token_id` (default: the checkpoint's, else the first stop
+        id, else 0); n is the steps until every sequence stopped. Decodes with the KV
+        cache: the prompt once, then one position per step, in torch's inference mode
+        (less bookkeeping per operation than no_grad); the returned ids are an
+        ordinary tensor.
         """
-        input_ids = input_ids.to(self.device)
-        generator = None
-        if do_sample:
-            generator = torch.Generator(device=self.device)
-            generator.manual_seed(torch.initial_seed() if seed is None else seed)
-        tokens = [input_ids]
-        with torch.inference_mode():
-            caches = self.new_caches(input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-            logits = self(input_ids, caches, logits_to_keep=1)[:, -1]
-            for step in range(max_new_tokens):
-                next_token = pick_next_token(logits, do_sample, temperature, top_k, top_p, generator)
-                tokens.append(next_token)
-                if step + 1 < max_new_tokens:
-                    logits = self(next_token, caches, logits_to_keep=1)[:, -1]
-        return torch.cat(tokens, dim=1)  # outside inference mode: an ordinary tensor
-
-
-def pick_next_token(
-    logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> torch.Tensor:
-    """The next token [B, 1] from last-position logits [B, vocab]."""
-    if not do_sample:
-        return logits.argmax(dim=-1, keepdim=True)
-    scores = logits.to(torch.float32) / max(temperature, 1e-6)
-    if top_k > 0:
-        kth = torch.topk(scores, min(top_k, scores.shape[-1]), dim=-1).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    if top_p < 1.0:
-        ordered, order = scores.sort(dim=-1, descending=True)
-        cumulative = ordered.softmax(-1).cumsum(-1)
-        drop = cumulative - ordered.softmax(-1) >= top_p
-        drop[..., 0] = False  # the most likely token reaches any top_p: top_p <= 0 is greedy, not an empty set
-        scores = scores.scatter(-1, order, ordered.masked_fill(drop, float("-inf")))
-    return torch.multinomial(scores.softmax(-1), 1, generator=generator)
+        return generate(self, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, seed, attention_mask,
+                        eos_token_id, pad_token_id)

@@ -19,9 +19,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moeport.model.cache import LatentCache
 from moeport.model.config import LongcatConfig
 from moeport.model.fused import fused_linear_weight, save_as_parts
 from moeport.model.norm import RMSNorm
+from moeport.model.token_layout import TokenLayout
 
 
 def rope_inverse_frequencies(config: LongcatConfig) -> torch.Tensor:
@@ -49,34 +51,6 @@ def apply_interleaved_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     """
     swapped = x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)  # (x1, x0), (x3, x2), ...
     return torch.addcmul(x * cos, swapped, sin)
-
-
-@dataclasses.dataclass
-class LatentCache:
-    """Per-block decoding cache: for each position, the scaled normed latent [kv_lora_rank] and then
-    the rotated rope key [rope], side by side in one tensor `keys` [B, S, kv_lora_rank + rope]."""
-
-    keys: torch.Tensor
-    kv_lora_rank: int
-    length: int = 0
-
-    @classmethod
-    def empty(cls, batch: int, capacity: int, config: LongcatConfig, dtype: torch.dtype, device: torch.device) -> "LatentCache":
-        """A cache with room for `capacity` positions."""
-        width = config.kv_lora_rank + config.qk_rope_head_dim
-        return cls(torch.empty(batch, capacity, width, dtype=dtype, device=device), config.kv_lora_rank)
-
-    def append(self, latent: torch.Tensor, k_rope: torch.Tensor) -> None:
-        """Store new positions: latent [B, T, kv_lora_rank] and rotated rope key [B, T, rope]."""
-        end = self.length + latent.shape[1]
-        if end > self.keys.shape[1]:
-            raise ValueError(f"KV cache holds {self.keys.shape[1]} positions; {end} needed")
-        self.keys[:, self.length:end] = torch.cat([latent, k_rope], dim=-1)
-        self.length = end
-
-    def cached(self) -> torch.Tensor:
-        """Every position stored so far: [B, length, kv_lora_rank + rope]."""
-        return self.keys[:, : self.length]
 
 
 @dataclasses.dataclass
@@ -123,17 +97,21 @@ class MLA(nn.Module):
         rotated = apply_interleaved_rope(torch.cat([q_rope, k_rope.unsqueeze(1)], dim=1), cos, sin)
         return Projected(q_nope, rotated[:, : self.heads], latent, rotated[:, self.heads])
 
-    def attend(self, p: Projected, cache: LatentCache | None = None) -> torch.Tensor:
-        """Core attention over the cached and new positions, then the output projection: [B, T, hidden]."""
+    def attend(self, p: Projected, cache: LatentCache | None = None, layout: TokenLayout | None = None) -> torch.Tensor:
+        """Core attention over the cached and new positions, then the output projection: [B, T, hidden].
+
+        With a `layout` (padding, or sequences of different cached lengths), only real tokens are
+        cached and each query sees the keys the layout allows; without one, every sequence alike.
+        """
         c = self.config
         t = p.q_nope.shape[2]
-        if cache is not None and t == 1:
-            return self._attend_latent(p, cache)
-        if cache is None:
-            latent, k_rope = p.latent, p.k_rope
-        else:
-            cache.append(p.latent, p.k_rope)
+        if cache is not None:
+            self._store(p, cache, layout)
+            if t == 1:
+                return self._attend_latent(p, cache, layout)
             latent, k_rope = torch.split(cache.cached(), [c.kv_lora_rank, c.qk_rope_head_dim], dim=-1)
+        else:
+            latent, k_rope = p.latent, p.k_rope
         b, s, _ = latent.shape
         q = torch.cat([p.q_nope, p.q_rope], dim=-1)
         kv = self.kv_b_proj(latent).view(b, s, self.heads, c.qk_nope_head_dim + c.v_head_dim).transpose(1, 2)
@@ -149,7 +127,9 @@ class MLA(nn.Module):
         elif pad > 0:
             v = F.pad(v, (pad, 0))
         past = s - t
-        if past == 0:
+        if layout is not None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, scale=self.score_scale)
+        elif past == 0:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.score_scale)
         else:
             mask = None
@@ -159,7 +139,18 @@ class MLA(nn.Module):
         out = out[..., pad:] if pad > 0 else out
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.heads * c.v_head_dim))
 
-    def _attend_latent(self, p: Projected, cache: LatentCache) -> torch.Tensor:
+    @staticmethod
+    def _store(p: Projected, cache: LatentCache, layout: TokenLayout | None) -> None:
+        """This step's latent and rope key into the cache: appended alike, or each real token at its column."""
+        if layout is None:
+            cache.append(p.latent, p.k_rope)
+            return
+        sequences, columns = layout.write_index()
+        rows = layout.real_rows
+        cache.write(sequences, columns, p.latent.reshape(-1, p.latent.shape[-1]).index_select(0, rows),
+                    p.k_rope.reshape(-1, p.k_rope.shape[-1]).index_select(0, rows), layout.key_length)
+
+    def _attend_latent(self, p: Projected, cache: LatentCache, layout: TokenLayout | None) -> torch.Tensor:
         """`attend` for one new position: attention in the latent space, with kv_b_proj folded
         into the query (its key half) and into the output (its value half), so the cached
         positions are never expanded to heads. Same result up to rounding.
@@ -168,7 +159,6 @@ class MLA(nn.Module):
         positions of one shared key/value head.
         """
         c = self.config
-        cache.append(p.latent, p.k_rope)
         keys = cache.cached().unsqueeze(1)  # [B, 1, S, kv_lora + rope]: one head
         b, heads, _, _ = p.q_nope.shape
         kv_b = self.kv_b_proj.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
@@ -176,11 +166,13 @@ class MLA(nn.Module):
         q_latent = torch.bmm(p.q_nope.view(b, heads, -1).transpose(0, 1), kv_b[:, : c.qk_nope_head_dim])
         q = torch.cat([q_latent.transpose(0, 1), p.q_rope.view(b, heads, -1)], dim=-1).unsqueeze(1)  # [B, 1, H, D]
         # the cached rows serve as values too: their rope columns come out last and are dropped
-        out = F.scaled_dot_product_attention(q, keys, keys, scale=self.score_scale)[:, 0, :, : c.kv_lora_rank]
+        mask = None if layout is None else layout.key_mask  # [B, 1, 1, S]: the same keys for every head
+        out = F.scaled_dot_product_attention(q, keys, keys, attn_mask=mask, scale=self.score_scale)[:, 0, :, : c.kv_lora_rank]
         # per head: out [B, kv_lora] @ W_v^T [kv_lora, v]
         values = torch.bmm(out.transpose(0, 1), kv_b[:, c.qk_nope_head_dim:].transpose(1, 2))  # [H, B, v]
         return self.o_proj(values.transpose(0, 1).reshape(b, 1, heads * c.v_head_dim))
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: LatentCache | None = None,
+                layout: TokenLayout | None = None) -> torch.Tensor:
         """Projection then attention, for callers that do not split them."""
-        return self.attend(self.project(x, cos, sin), cache)
+        return self.attend(self.project(x, cos, sin), cache, layout)

@@ -21,6 +21,18 @@ def prompts():
     return torch.randint(0, 256, (BATCH, LENGTH), generator=torch.Generator().manual_seed(9))
 
 
+RAGGED = [13, 4, 9, 1, 11]  # prompt lengths of a left-padded batch
+
+
+def ragged_prompts():
+    """A left-padded batch of prompts of lengths RAGGED: (ids, attention_mask) [BATCH, LENGTH]."""
+    ids, mask = prompts(), torch.zeros(BATCH, LENGTH, dtype=torch.int64)
+    for row, n in enumerate(RAGGED):
+        ids[row, : LENGTH - n] = 0
+        mask[row, LENGTH - n:] = 1
+    return ids, mask
+
+
 @pytest.fixture(scope="module")
 def expected(checkpoint):
     ref = load_reference(checkpoint)
@@ -29,7 +41,14 @@ def expected(checkpoint):
         logits = ref(ids).logits
     tokens = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW, do_sample=False,
                           eos_token_id=None, pad_token_id=0)
-    return logits, tokens
+    ids, mask = ragged_prompts()
+    with torch.no_grad():
+        ragged_logits = ref(ids, attention_mask=mask, position_ids=(mask.cumsum(1) - 1).clamp(min=0)).logits
+    free = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0)
+    stop = int(free[2, LENGTH + 1])  # one sequence stops at its second token
+    ragged_tokens = ref.generate(ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False, eos_token_id=stop,
+                                 pad_token_id=1)
+    return logits, tokens, (ragged_logits, ragged_tokens, stop)
 
 
 MODES = ("auto", "normal", "low_latency")
@@ -42,7 +61,7 @@ def _set_dispatch(model, mode):
             layer.exchange.mode = mode
 
 
-def parallel_job(rt, path):
+def parallel_job(rt, path, stop):
     """On each rank: its rows' logits, decoding and one decode step under both schedules and every dispatch
     mode, and which dispatcher `auto` picks for prefill and for decoding."""
     model = load_pretrained(path, rt)
@@ -64,13 +83,35 @@ def parallel_job(rt, path):
                 caches = model.new_caches(ids.shape[0], LENGTH + 2)
                 model(ids, caches)
                 out[f"decode_{tag}"] = model(out[f"tokens_{tag}"][:, LENGTH:LENGTH + 1], caches)
+    out.update(ragged_checks(model, rows, stop))
+    return out
+
+
+def ragged_checks(model, rows, stop):
+    """This rank's rows of the left-padded batch: logits with the mask, and generate with a stop token, under both
+    schedules (the ranks hold different numbers of real tokens; a rank's sequences may all stop first)."""
+    ids, mask = ragged_prompts()
+    out = {}
+    for schedule in ("overlap", "sequential"):
+        model.schedule = schedule
+        _set_dispatch(model, "auto")
+        with torch.no_grad():
+            out[f"ragged_logits_{schedule}"] = model(ids[rows], attention_mask=mask[rows])
+        out[f"ragged_tokens_{schedule}"] = model.generate(ids[rows], attention_mask=mask[rows], max_new_tokens=NEW,
+                                                          eos_token_id=stop, pad_token_id=1)
     return out
 
 
 def check(results, expected, world_size):
-    logits, tokens = expected
+    logits, tokens, (ragged_logits, ragged_tokens, _) = expected
+    _, mask = ragged_prompts()
     for rank, r in enumerate(results):
         rows = my_rows(BATCH, rank, world_size)
+        real = mask[rows].bool()
+        scale = ragged_logits[rows][real].abs().max().item() if real.any() else 1.0
+        for schedule in ("overlap", "sequential"):  # padded batches: 1e-5 of the logits' scale (see test_ragged)
+            assert (r[f"ragged_logits_{schedule}"] - ragged_logits[rows])[real].abs().max().item() <= 1e-5 * scale
+            assert torch.equal(r[f"ragged_tokens_{schedule}"], ragged_tokens[rows]), schedule
         assert r["experts"] == (rank * 8 // world_size, 8 // world_size)
         assert (r["logits_overlap/auto"] - logits[rows]).abs().max().item() <= 1e-4
         assert torch.equal(r["tokens_overlap/auto"], tokens[rows])
@@ -89,7 +130,7 @@ CASES = [("cpu-gloo", 1), ("cpu-gloo", 2), ("cpu-gloo", 4), ("generic-cpu", 1), 
 def test_expert_parallel_matches_reference(checkpoint, expected, profile, world_size):
     if profile == "cpu-mpi":
         pytest.importorskip("mpi4py", reason="the mpi extra is not installed")
-    results = run_ranks(parallel_job, world_size, profile, args=(checkpoint,), timeout_s=240)
+    results = run_ranks(parallel_job, world_size, profile, args=(checkpoint, expected[2][2]), timeout_s=240)
     check(results, expected, world_size)
 
 
@@ -97,7 +138,7 @@ def test_more_ranks_than_sequences(checkpoint, expected):
     """Ranks with no rows of their own still serve their experts."""
     profile = load_profile("cpu-gloo")
     results = run_ranks(one_row_job, 4, profile, args=(checkpoint,), timeout_s=240)
-    logits, _ = expected
+    logits = expected[0]
     assert (results[0] - logits[:1]).abs().max().item() <= 1e-4
     assert all(r.shape[0] == 0 for r in results[1:])
 
@@ -123,7 +164,7 @@ def generate_first_job(rt, path):
 
 
 def test_buffers_made_while_decoding_do_not_break_a_later_forward(checkpoint, expected):
-    logits, tokens = expected
+    logits, tokens, _ = expected
     results = run_ranks(generate_first_job, 2, load_profile("cpu-gloo"), args=(checkpoint,), timeout_s=240)
     for rank, (got_tokens, got_logits) in enumerate(results):
         rows = my_rows(BATCH, rank, 2)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from conftest import run_cli
-from moeport.model.lm import pick_next_token
+from moeport.model.generation import pick_next_token
 
 DRAWS = 40_000
 #: Sampling noise in the total-variation distance of 40k draws over <= 8 tokens is about 0.005.
