@@ -163,8 +163,8 @@ class MLA(nn.Module):
         b, heads, _, _ = p.q_nope.shape
         kv_b = self.kv_b_proj.weight.view(heads, c.qk_nope_head_dim + c.v_head_dim, c.kv_lora_rank)
         # per head: q_nope [B, nope] @ W_k [nope, kv_lora], as one batched matmul over heads
-        q_latent = torch.bmm(p.q_nope.view(b, heads, -1).transpose(0, 1), kv_b[:, : c.qk_nope_head_dim])
-        q = torch.cat([q_latent.transpose(0, 1), p.q_rope.view(b, heads, -1)], dim=-1).unsqueeze(1)  # [B, 1, H, D]
+        q_latent = torch.bmm(p.q_nope.view(b, heads, c.qk_nope_head_dim).transpose(0, 1), kv_b[:, : c.qk_nope_head_dim])
+        q = torch.cat([q_latent.transpose(0, 1), p.q_rope.view(b, heads, c.qk_rope_head_dim)], dim=-1).unsqueeze(1)  # [B, 1, H, D]
         # the cached rows serve as values too: their rope columns come out last and are dropped
         mask = None if layout is None else layout.key_mask  # [B, 1, 1, S]: the same keys for every head
         out = F.scaled_dot_product_attention(q, keys, keys, attn_mask=mask, scale=self.score_scale)[:, 0, :, : c.kv_lora_rank]

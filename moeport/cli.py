@@ -19,6 +19,7 @@ from moeport.base.dtypes import torch_dtype
 from moeport.base.errors import UserError, WriteError
 from moeport.launch import RankFailure
 from moeport.model.schedule import SCHEDULES
+from moeport.token_files import emit_sequences, read_prompts, read_tokens, save_npy, stop_ids_option
 
 # Commands whose names are reserved for the work that brings them.
 RESERVED = {
@@ -127,34 +128,6 @@ def _load(args: argparse.Namespace):
     return profile, config
 
 
-def _read_tokens(path: str, vocab_size: int):
-    import numpy as np
-
-    from moeport.jobs import check_tokens
-
-    try:
-        tokens = np.load(path)
-    except FileNotFoundError:
-        raise UserError(f"--tokens {path}: no such file") from None
-    except (ValueError, OSError) as exc:
-        raise UserError(f"--tokens {path}: not a .npy array ({exc})") from None
-    return check_tokens(tokens, vocab_size, path).numpy()
-
-
-def _save_npy(path: str, array) -> None:
-    """Write `array` as a .npy file at `path`, atomically; a WriteError naming the cause if that fails."""
-    from types import SimpleNamespace
-
-    import numpy as np
-
-    from moeport.base.atomic import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        # through write() alone: numpy's C tofile() on a real file reports a failed write as
-        # "24576 requested and 11232 written", without the errno that names the cause
-        np.save(SimpleNamespace(write=f.write), array)
-
-
 def _ranks(profile) -> int:
     """How many ranks the job runs on: the launcher's under torchrun / mpiexec, else the profile's."""
     from moeport.jobs import launched_profile
@@ -177,18 +150,19 @@ def _forward(args: argparse.Namespace) -> int:
     from moeport.jobs import forward_job, run_on_ranks
 
     profile, config = _load(args)
-    tokens = _read_tokens(args.tokens, config.vocab_size)
+    tokens = read_tokens(args.tokens, config.vocab_size)
     rows = _rows_per_rank(tokens.shape[0], _ranks(profile))
     profile.check_dispatch_room(rows, rows * tokens.shape[1], f"{rows} sequences of {tokens.shape[1]} per rank")
     logits = _rank0(run_on_ranks(forward_job, (tokens,), profile, args.world_size))
     if logits is not None:
-        _save_npy(args.out, logits)
+        save_npy(args.out, logits)
         print(f"wrote logits {list(logits.shape)} float32 to {args.out}")
     return 0
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from moeport.jobs import generate_job, run_on_ranks
+    from moeport.jobs import generate_job, my_rows, run_on_ranks
+    from moeport.model.generation import GenerationDefaults, stop_and_pad
 
     if args.max_new_tokens < 1:
         raise UserError(f"--max-new-tokens: expected a positive integer, got {args.max_new_tokens}")
@@ -199,19 +173,31 @@ def _generate(args: argparse.Namespace) -> int:
     if not 0 < args.top_p <= 1:
         raise UserError(f"--top-p: expected a number above 0 and at most 1, got {args.top_p}")
     profile, config = _load(args)
-    tokens = _read_tokens(args.tokens, config.vocab_size)
-    rows = _rows_per_rank(tokens.shape[0], _ranks(profile))
-    profile.check_dispatch_room(rows, rows * tokens.shape[1], f"{rows} sequences of {tokens.shape[1]} per rank")
+    eos = stop_ids_option(args.eos_id, config.vocab_size)
+    if args.pad_id is not None and not 0 <= args.pad_id < config.vocab_size:
+        raise UserError(f"--pad-id {args.pad_id}: outside the vocabulary [0, {config.vocab_size})")
+    checkpoint = profile.model_source()[1]
+    stops, pad = stop_and_pad(GenerationDefaults.read(checkpoint), eos, args.pad_id)
+    if not 0 <= pad < config.vocab_size:  # the checkpoint's own pad id: its generation_config.json or config.json
+        raise UserError(f"{checkpoint}: pad_token_id {pad} is outside the vocabulary [0, {config.vocab_size}); "
+                        f"give --pad-id")
+    jsonl = args.tokens.endswith(".jsonl")
+    prompts = read_prompts(args.tokens, config.vocab_size) if jsonl else read_tokens(args.tokens, config.vocab_size)
+    if len(prompts) == 0 or len(prompts[0]) == 0:
+        raise UserError(f"--tokens {args.tokens}: no prompt tokens (shape {list(prompts.shape)}); expected at least "
+                        f"one prompt of at least one token id")
+    world = _ranks(profile)  # a rank with no prompts of its own still serves its experts
+    shares = [prompts[my_rows(len(prompts), r, world)] for r in range(world)]
+    rows = max(len(share) for share in shares)
+    real = max(sum(len(p) for p in share) for share in shares)
+    profile.check_dispatch_room(rows, real, f"{rows} sequences, {real} prompt tokens per rank")
     sampling = {"do_sample": args.sample, "temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
-    out = _rank0(run_on_ranks(generate_job, (tokens, args.max_new_tokens, sampling), profile, args.world_size))
-    if out is None:
+    results = run_on_ranks(generate_job, (prompts, args.max_new_tokens, sampling, stops, pad), profile, args.world_size)
+    if not results:  # another rank of a torchrun / mpiexec job: rank 0 writes for the job
         return 0
-    if args.out:
-        _save_npy(args.out, out)
-        print(f"wrote token ids {list(out.shape)} to {args.out}")
-    else:
-        for row in out:
-            print(" ".join(str(int(t)) for t in row))
+    generated = [part for rank_parts in results for part in rank_parts]
+    sequences = [[int(t) for t in prompt] + part for prompt, part in zip(prompts, generated)]
+    emit_sequences(args.out, sequences, pad, as_lists=jsonl)
     return 0
 
 
@@ -295,9 +281,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate = sub.add_parser("generate", help="greedy (or sampled) decoding from a checkpoint")
     _add_profile_args(generate)
     generate.add_argument("--checkpoint", required=True)
-    generate.add_argument("--tokens", required=True, help=".npy file of int64 token ids [B, T]")
+    generate.add_argument("--tokens", required=True, help=".npy file of int64 token ids [B, T], or a .jsonl file "
+                          "of prompts (one JSON list of ids a line)")
     generate.add_argument("--max-new-tokens", type=int, required=True)
-    generate.add_argument("--out", help=".npy file for token ids [B, T + N] (default: print them)")
+    generate.add_argument("--eos-id", action="append", metavar="ID",
+                          help="stop token id, repeat for more; none: never stop (default: the checkpoint's)")
+    generate.add_argument("--pad-id", type=int, metavar="ID",
+                          help="fill after a sequence's end (default: the checkpoint's, else the first stop id, else 0)")
+    generate.add_argument("--out", help="OUT.npy: token ids [B, W] padded with the pad id, and OUT.lengths.npy; "
+                          "OUT.jsonl: one JSON list a line (default: print them)")
     generate.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     generate.add_argument("--temperature", type=float, default=1.0)
     generate.add_argument("--top-k", type=int, default=0)

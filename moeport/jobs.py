@@ -170,13 +170,47 @@ def forward_job(rt: Runtime, tokens: np.ndarray) -> np.ndarray | None:
     return None if full is None else full.cpu().numpy()
 
 
-def generate_job(rt: Runtime, tokens: np.ndarray, new_tokens: int, sampling: dict[str, Any]) -> np.ndarray | None:
-    """Token ids [B, T + new_tokens] for all ranks' rows, returned on rank 0."""
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts (lists of ids, or the rows of an array) as one batch: ids [B, T] int64, each prompt right-aligned
+    after `pad_id` fill (left padding, as transformers does it), and the attention mask [B, T] (1 real, 0 padding);
+    the mask is None when every prompt has the same length (no padding). No prompts: ids [0, 1]."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths, default=1)  # a rank with no prompts runs a batch of none, one position wide
+    if all(n == width for n in lengths):
+        return torch.as_tensor(np.asarray(prompts, dtype=np.int64).reshape(len(prompts), width)), None
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
+def generated_part(new_ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
+    """A sequence's generated tokens: `new_ids` (what generate appended to its row) up to and including its first
+    stop token, all of them where it has none (the pad fill after a stop is dropped)."""
+    stops = set(stop_ids)
+    tokens = [int(t) for t in new_ids]
+    for index, token in enumerate(tokens):
+        if token in stops:
+            return tokens[: index + 1]
+    return tokens
+
+
+def generate_job(rt: Runtime, prompts: Sequence[Sequence[int]], new_tokens: int, sampling: dict[str, Any],
+                 eos_ids: Sequence[int], pad_id: int) -> list[list[int]]:
+    """This rank's share of `prompts` (`my_rows`; a list of id lists, or an array [B, T]) decoded: each one's
+    generated tokens, in order, up to and including its first stop token in `eos_ids` (empty: never stop).
+
+    The rank left-pads its own prompts into one batch with an attention mask (none when they are all as long) and
+    fills stopped sequences with `pad_id`; every rank returns its own rows, whatever their padded width.
+    """
     model = build_model(rt)
-    ids = torch.from_numpy(tokens[my_rows(tokens.shape[0], rt.rank, rt.world_size)])
-    out = model.generate(ids, max_new_tokens=new_tokens, **sampling)
-    full = gather_rows(rt, out, tokens.shape[0])
-    return None if full is None else full.cpu().numpy()
+    mine = prompts[my_rows(len(prompts), rt.rank, rt.world_size)]
+    ids, mask = left_pad(mine, pad_id)
+    out = model.generate(ids, max_new_tokens=new_tokens, attention_mask=mask, eos_token_id=list(eos_ids),
+                         pad_token_id=pad_id, **sampling)
+    return [generated_part(row, eos_ids) for row in out[:, ids.shape[1]:].cpu().tolist()]
 
 
 #: The phases of the main job, in the order it runs them: one prefill forward, then decode steps.

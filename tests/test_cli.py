@@ -61,9 +61,13 @@ def test_generate_matches_reference_greedy(checkpoint, tokens, tmp_path):
                      "--out", str(out), "--world-size", "2")
     assert result.returncode == 0, result.stderr
     ids = torch.from_numpy(np.load(tokens))
+    # by default each sequence stops at the checkpoint's stop id (generation_config.json: 2) and is filled with it
     want = load_reference(checkpoint).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
-                                               do_sample=False, eos_token_id=None, pad_token_id=0)
-    assert np.array_equal(np.load(out), want.numpy())
+                                               do_sample=False, eos_token_id=2, pad_token_id=2).numpy()
+    assert np.array_equal(np.load(out), want)
+    new = want[:, ids.shape[1]:].tolist()
+    lengths = [ids.shape[1] + (row.index(2) + 1 if 2 in row else len(row)) for row in new]
+    assert np.load(tmp_path / "ids.lengths.npy").tolist() == lengths
     printed = run_cli("generate", "--checkpoint", checkpoint, "--tokens", tokens, "--max-new-tokens", "2")
     assert printed.returncode == 0 and len(printed.stdout.strip().splitlines()) == 3
 

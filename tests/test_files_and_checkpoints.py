@@ -344,7 +344,7 @@ def test_write_error_in_a_rank_is_its_own_message_and_exit_1(tmp_path):
 
 def test_npy_written_whole(tmp_path):
     """The CLI's .npy writer (numpy through write() alone) writes what np.load reads back."""
-    from moeport.cli import _save_npy
+    from moeport.token_files import save_npy as _save_npy
 
     array = np.arange(3 * 5 * 7, dtype=np.float32).reshape(3, 5, 7)
     _save_npy(str(tmp_path / "a.npy"), array)
