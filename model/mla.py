@@ -130,7 +130,7 @@ class MLA(nn.Module):
         if layout is not None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=layout.key_mask, scale=self.score_scale)
         elif past == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=t > 1, scale=self.score_scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.score_scale)  # one position: itself
         else:
             mask = None
             if t > 1:  # new positions see everything cached plus the new ones up to themselves

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 import torch
 
 import moeport
+from moeport import onnx_export
 from moeport.base.dtypes import torch_dtype
 from moeport.base.errors import UserError, WriteError
 from moeport.launch import RankFailure
@@ -24,7 +25,6 @@ from moeport.token_files import emit_sequences, read_prompts, read_tokens, save_
 # Commands whose names are reserved for the work that brings them.
 RESERVED = {
     "train": "training steps",
-    "export-onnx": "ONNX export",
     "bench": "benchmarks",
 }
 
@@ -300,6 +300,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_profile_args(conformance)
     conformance.add_argument("--json", metavar="PATH", help="write the matrix as JSON")
     conformance.set_defaults(func=_conformance)
+    onnx_export.add_parser(sub)
     for name, text in RESERVED.items():
         p = sub.add_parser(name, help=f"{text} (not yet available)")
         p.add_argument("rest", nargs=argparse.REMAINDER)
