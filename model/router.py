@@ -27,6 +27,7 @@ class Routing:
 
     ids: torch.Tensor  # int64; ids >= n_routed_experts are zero experts
     weights: torch.Tensor  # float32, already times routed_scaling_factor
+    scores: torch.Tensor | None = None  # float32 [T, N + Z]: the softmax over every expert (training's balance loss)
 
 
 class Router(nn.Module):
@@ -44,7 +45,7 @@ class Router(nn.Module):
         scores = F.linear(in_dtype(x, torch.float32), in_dtype(self.classifier.weight, torch.float32)).softmax(dim=-1)
         with torch.no_grad():
             ids = torch.topk(scores + self.e_score_correction_bias, self.top_k, dim=-1, sorted=False).indices
-        return Routing(ids, scores.gather(1, ids) * self.scale)
+        return Routing(ids, scores.gather(1, ids) * self.scale, scores)
 
 
 def zero_expert_output(x: torch.Tensor, routing: Routing, n_routed_experts: int) -> torch.Tensor:

@@ -1,0 +1,241 @@
+"""One expert-parallel training step of LongCat-Flash, on any backend and collective library.
+
+Every rank holds its share of the batch (data-parallel attention) and its FFN experts;
+the forward runs under the model's schedule, with gradients through the dispatch, the
+combine and the zero-computation experts (the differentiable exchange). The loss is each
+rank's share of the global batch's objective (model/objective.py: next-token loss,
+device-level balance loss, hidden z-loss), so after `backward`:
+
+- each FFN expert's gradient is complete on its owning rank (its tokens came from every
+  rank), and its optimizer state lives only there;
+- every replicated weight's gradient is summed over the ranks through the Communicator
+  (any collective library: torch.distributed's or MPI), in buckets issued
+  asynchronously one after another and then waited for.
+
+Then the gradient norm is clipped over the whole model (experts counted once, on their
+owners), a NaN or Inf stops the run naming the step, the rank and the first tensor where
+it appeared, AdamW steps (the report's epsilon by default), and the compute-budget
+controller moves every router's expert bias by the same amount on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+
+from moeport.collectives.base import Communicator
+from moeport.model.objective import (
+    balance_loss,
+    expert_groups,
+    group_slot_counts,
+    hidden_z_loss,
+    next_token_loss,
+    update_expert_bias,
+)
+from moeport.model.router import Routing
+
+#: Elements per gradient bucket (float32: 16 MiB).
+BUCKET_ELEMENTS = 4 << 20
+
+
+class NonFiniteError(RuntimeError):
+    """A NaN or Inf appeared: in which step, on which rank, in which tensor first."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSettings:
+    """What a training step needs beyond the model (the profile's `train:` section fills it).
+
+    ffn_experts_per_token is K_e; balance_groups is D (None: one group per expert-parallel rank);
+    bias_update_rate is the controller's mu at step 0, times bias_update_decay each step.
+    """
+
+    lr: float = 1e-3
+    ffn_experts_per_token: float = 8.0
+    balance_coef: float = 0.01
+    balance_groups: int | None = None
+    z_loss_coef: float = 1e-6
+    bias_update_rate: float = 1e-3
+    bias_update_decay: float = 1.0
+    adam_eps: float = 1e-16  # the LongCat-Flash report's: far below the gradients' RMS
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+
+
+@dataclasses.dataclass
+class StepStats:
+    """One step's figures, the same on every rank: the global loss and its terms, the gradient norm before
+    clipping, the average FFN experts per token and the zero-expert share of the slots."""
+
+    step: int
+    loss: float
+    lm_loss: float
+    balance_loss: float
+    z_loss: float
+    grad_norm: float
+    ffn_experts_per_token: float
+    zero_expert_share: float
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a parameter is an FFN expert's (held by its owning rank alone)."""
+    return ".mlp.experts." in name
+
+
+class Trainer:
+    """Trains `model` (this rank's part of it) with `settings`; `step(ids)` runs one step on this rank's rows
+    ids [B, S + 1] (inputs and, shifted by one, targets); every rank calls it together."""
+
+    def __init__(self, model: Any, settings: TrainSettings) -> None:
+        self.model, self.settings = model, settings
+        self.comm: Communicator = model.context.ep
+        config = model.config
+        self.groups = settings.balance_groups or self.comm.world_size
+        self.group_of = expert_groups(config.n_routed_experts, config.zero_expert_num, self.groups, model.device)
+        self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.replicated = [(n, p) for n, p in self.named if not is_expert_parameter(n)]
+        self.optimizer = torch.optim.AdamW([p for _, p in self.named], lr=settings.lr, betas=settings.adam_betas,
+                                           eps=settings.adam_eps, weight_decay=settings.weight_decay)
+        self.steps_done = 0
+        self._routings: list[Routing] = []
+        self._hidden: list[torch.Tensor] = []
+        self._recording = False  # only the trainer's own forwards are recorded
+        for layer in model.model.layers:
+            layer.mlp.router.register_forward_hook(lambda _m, _i, out: self._record(self._routings, out))
+            layer.register_forward_hook(lambda _m, _i, out: self._record(self._hidden, out))
+
+    def _record(self, into: list, value: Any) -> None:
+        if self._recording:
+            into.append(value)
+
+    def _global_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` summed over the expert-parallel ranks (a copy)."""
+        values = values.detach().clone()
+        return self.comm.all_reduce(values) if self.comm.world_size > 1 else values
+
+    def losses(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """This rank's shares of (next-token, balance, z) losses and the global slot counts per expert [L, N + Z]."""
+        s, config = self.settings, self.model.config
+        inputs, targets = ids[:, :-1], ids[:, 1:]
+        total = int(self._global_sum(torch.tensor([float(targets.numel())]))[0])
+        self._routings.clear()
+        self._hidden.clear()
+        self._recording = True
+        try:
+            logits = self.model(inputs)
+        finally:
+            self._recording = False
+        lm = next_token_loss(logits, targets, total)
+        slots = torch.stack([torch.bincount(r.ids.reshape(-1), minlength=config.num_experts_total)
+                             for r in self._routings]).to(torch.float32)
+        slots = self._global_sum(slots)
+        balance = sum(
+            balance_loss(r.scores, self.group_of, _group_counts(row, self.group_of, self.groups), self.groups,
+                         s.ffn_experts_per_token, config.moe_topk, total, s.balance_coef)
+            for r, row in zip(self._routings, slots))
+        z = sum(hidden_z_loss(h, total, s.z_loss_coef) for h in self._hidden)
+        return lm, balance, z, slots
+
+    def step(self, ids: torch.Tensor) -> StepStats:
+        """One training step on this rank's rows; returns the step's figures (the same on every rank)."""
+        self.model.train()
+        lm, balance, z, slots = self.losses(ids.to(self.model.device))
+        loss = lm + balance + z
+        self._stop_if_any(self._first_nonfinite_forward(loss))  # before backward: every rank stops together
+        loss.backward()
+        self._sync_gradients()
+        self._stop_if_any(self._first_nonfinite_gradient())
+        norm = self._clip()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._control(slots)
+        terms = self._global_sum(torch.stack([lm.detach(), torch.as_tensor(balance).detach(),
+                                              torch.as_tensor(z).detach()]).to(torch.float32))
+        config = self.model.config
+        ffn = slots[:, : config.n_routed_experts].sum(dim=1)
+        tokens = slots.sum(dim=1) / config.moe_topk
+        self.steps_done += 1
+        return StepStats(self.steps_done - 1, float(terms.sum()), float(terms[0]), float(terms[1]), float(terms[2]),
+                         norm, float((ffn / tokens).mean()), float(1.0 - (ffn / slots.sum(dim=1)).mean()))
+
+    def _sync_gradients(self) -> None:
+        """Sum every replicated weight's gradient over the ranks: buckets issued asynchronously, then waited."""
+        if self.comm.world_size == 1:
+            return
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.replicated]
+        buckets, current, size = [], [], 0
+        for g in grads:
+            current.append(g)
+            size += g.numel()
+            if size >= BUCKET_ELEMENTS:
+                buckets.append(current)
+                current, size = [], 0
+        if current:
+            buckets.append(current)
+        flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
+        handles = [self.comm.all_reduce(flat, async_op=True) for flat in flats]
+        for bucket, flat, handle in zip(buckets, flats, handles):
+            handle.wait(self.comm.timeout_s)
+            offset = 0
+            for g in bucket:
+                g.copy_(flat[offset: offset + g.numel()].view_as(g))
+                offset += g.numel()
+        for (_, p), g in zip(self.replicated, grads):
+            p.grad = g
+
+    def _first_nonfinite_forward(self, loss: torch.Tensor) -> str | None:
+        """Where this rank's forward first went NaN or Inf: the first layer output that did, else the loss."""
+        if torch.isfinite(loss).all():
+            return None
+        for index, hidden in enumerate(self._hidden):
+            if not torch.isfinite(hidden).all():
+                return f"the output of layer {index}"
+        return "the loss"
+
+    def _first_nonfinite_gradient(self) -> str | None:
+        """The first parameter whose gradient holds a NaN or Inf on this rank, in parameter order."""
+        for name, p in self.named:
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"the gradient of {name}"
+        return None
+
+    def _stop_if_any(self, first: str | None) -> None:
+        """Stop the run on every rank where any rank found a NaN or Inf, naming the step, the rank and the first
+        tensor (a rank that found none says so)."""
+        bad = self._global_sum(torch.tensor([0.0 if first is None else 1.0]))
+        if bad.item() > 0:
+            where = first or "none of this rank's tensors (another rank's)"
+            raise NonFiniteError(f"step {self.steps_done}, rank {self.comm.rank}: NaN or Inf in {where}")
+
+    def _clip(self) -> float:
+        """Scale the gradients so their global norm is at most grad_clip; returns the norm before."""
+        replicated = sum(float(p.grad.detach().to(torch.float32).square().sum()) for _, p in self.replicated)
+        experts = sum(float(p.grad.detach().to(torch.float32).square().sum())
+                      for n, p in self.named if is_expert_parameter(n) and p.grad is not None)
+        norm = math.sqrt(replicated + float(self._global_sum(torch.tensor([experts]))[0]))
+        if self.settings.grad_clip > 0 and norm > self.settings.grad_clip:
+            for _, p in self.named:
+                if p.grad is not None:
+                    p.grad.mul_(self.settings.grad_clip / (norm + 1e-6))
+        return norm
+
+    def _control(self, slots: torch.Tensor) -> None:
+        """The compute-budget controller's step on every layer's router bias, from the global slot counts."""
+        s, config = self.settings, self.model.config
+        rate = s.bias_update_rate * s.bias_update_decay ** self.steps_done
+        for layer, row in zip(self.model.model.layers, slots):
+            tokens = float(row.sum()) / config.moe_topk
+            update_expert_bias(layer.mlp.router.e_score_correction_bias, row[: config.n_routed_experts], tokens,
+                               s.ffn_experts_per_token, config.moe_topk, rate)
+
+
+def _group_counts(slots: torch.Tensor, group_of: torch.Tensor, groups: int) -> torch.Tensor:
+    """Slots per balance group [D + 1] from slots per expert [N + Z]."""
+    return torch.zeros(groups + 1, dtype=torch.float32, device=slots.device).index_add(0, group_of, slots)
+
+
+__all__ = ["NonFiniteError", "StepStats", "TrainSettings", "Trainer", "group_slot_counts", "is_expert_parameter"]
