@@ -35,7 +35,9 @@ def swiglu_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tens
     experts, slots = torch.sort(local_ids.reshape(-1).remainder(count + 1), stable=True)
     sizes = torch.bincount(experts, minlength=count + 1).tolist()
     slot_weights = weights.reshape(-1)[slots].to(x.dtype)
-    out = torch.zeros_like(x)
+    # zeros that still hang from x and weights (empty sums, exactly 0): with no slot here, backward must still
+    # reach what the dispatch delivered, so that its collective runs on this rank as on every other
+    out = torch.zeros_like(x) + (x[:0].sum() + weights[:0].sum().to(x.dtype))
     for expert, slot, weight in zip(range(count), slots.split(sizes), slot_weights.split(sizes)):
         if slot.numel():
             rows = slot // k

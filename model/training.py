@@ -64,6 +64,39 @@ class TrainSettings:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     weight_decay: float = 0.0
     grad_clip: float = 1.0
+    warmup_steps: int = 0
+    lr_decay: str = "constant"  # or "cosine": from lr after warmup down to 0 at total_steps
+    total_steps: int = 0
+    lr_multipliers: dict[str, float] = dataclasses.field(default_factory=dict)  # by PARAMETER_GROUPS name
+
+    def lr_factor(self, step: int) -> float:
+        """The learning rate at `step` (from 0) as a fraction of lr: linear warmup, then constant or cosine."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_decay == "cosine" and self.total_steps > self.warmup_steps:
+            progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        return 1.0
+
+
+#: The parameter groups a learning-rate multiplier may name: embedding (the input embedding), unembedding
+#: (lm_head), router (its classifier), experts (the FFN experts), norm (every norm's weight), hidden (the rest).
+PARAMETER_GROUPS = ("embedding", "unembedding", "router", "experts", "norm", "hidden")
+
+
+def parameter_group(name: str) -> str:
+    """The PARAMETER_GROUPS entry of a parameter, by its name in the model."""
+    if name.startswith("model.embed_tokens."):
+        return "embedding"
+    if name.startswith("lm_head."):
+        return "unembedding"
+    if ".mlp.router." in name:
+        return "router"
+    if is_expert_parameter(name):
+        return "experts"
+    if "norm" in name:
+        return "norm"
+    return "hidden"
 
 
 @dataclasses.dataclass
@@ -98,8 +131,13 @@ class Trainer:
         self.group_of = expert_groups(config.n_routed_experts, config.zero_expert_num, self.groups, model.device)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.replicated = [(n, p) for n, p in self.named if not is_expert_parameter(n)]
-        self.optimizer = torch.optim.AdamW([p for _, p in self.named], lr=settings.lr, betas=settings.adam_betas,
-                                           eps=settings.adam_eps, weight_decay=settings.weight_decay)
+        groups: dict[str, list[torch.nn.Parameter]] = {}
+        for name, p in self.named:
+            groups.setdefault(parameter_group(name), []).append(p)
+        self.optimizer = torch.optim.AdamW(
+            [{"params": params, "group": group, "multiplier": settings.lr_multipliers.get(group, 1.0)}
+             for group, params in groups.items()],
+            lr=settings.lr, betas=settings.adam_betas, eps=settings.adam_eps, weight_decay=settings.weight_decay)
         self.steps_done = 0
         self._routings: list[Routing] = []
         self._hidden: list[torch.Tensor] = []
@@ -111,6 +149,31 @@ class Trainer:
     def _record(self, into: list, value: Any) -> None:
         if self._recording:
             into.append(value)
+
+    def router_grad_ratio(self, ids: torch.Tensor) -> float:
+        """||grad of the balance loss|| / ||grad of the next-token loss|| on the routers' classifiers, over the
+        global batch (this rank's rows `ids` [B, S + 1]); the report keeps it below about 0.1. Leaves no
+        gradient behind."""
+        routers = [layer.mlp.router.classifier.weight for layer in self.model.model.layers]
+        self.model.train()
+        lm, balance, _, _ = self.losses(ids.to(self.model.device))
+        norms = []
+        for term in (balance, lm):
+            grads = torch.autograd.grad(term, routers, retain_graph=True, allow_unused=True)
+            flat = torch.cat([(g if g is not None else torch.zeros_like(w)).reshape(-1)
+                              for g, w in zip(grads, routers)]).to(torch.float32)
+            norms.append(float(self._global_sum(flat).norm()))
+        return norms[0] / norms[1] if norms[1] > 0 else float("inf")
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's training state beyond the weights (the controller's lives in the routers' biases): the
+        steps done and the optimizer's state (of this rank's parameters: its experts' only here)."""
+        return {"steps_done": self.steps_done, "optimizer": self.optimizer.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from a `state_dict` of the same rank of the same layout."""
+        self.steps_done = int(state["steps_done"])
+        self.optimizer.load_state_dict(state["optimizer"])
 
     def _global_sum(self, values: torch.Tensor) -> torch.Tensor:
         """`values` summed over the expert-parallel ranks (a copy)."""
@@ -150,6 +213,9 @@ class Trainer:
         self._sync_gradients()
         self._stop_if_any(self._first_nonfinite_gradient())
         norm = self._clip()
+        factor = self.settings.lr_factor(self.steps_done)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.settings.lr * group["multiplier"] * factor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._control(slots)
@@ -216,7 +282,8 @@ class Trainer:
         replicated = sum(float(p.grad.detach().to(torch.float32).square().sum()) for _, p in self.replicated)
         experts = sum(float(p.grad.detach().to(torch.float32).square().sum())
                       for n, p in self.named if is_expert_parameter(n) and p.grad is not None)
-        norm = math.sqrt(replicated + float(self._global_sum(torch.tensor([experts]))[0]))
+        # float32 on every rank, also where this rank's experts had no slot (no gradient: a sum of nothing)
+        norm = math.sqrt(replicated + float(self._global_sum(torch.tensor([float(experts)]))[0]))
         if self.settings.grad_clip > 0 and norm > self.settings.grad_clip:
             for _, p in self.named:
                 if p.grad is not None:
@@ -238,4 +305,5 @@ def _group_counts(slots: torch.Tensor, group_of: torch.Tensor, groups: int) -> t
     return torch.zeros(groups + 1, dtype=torch.float32, device=slots.device).index_add(0, group_of, slots)
 
 
-__all__ = ["NonFiniteError", "StepStats", "TrainSettings", "Trainer", "group_slot_counts", "is_expert_parameter"]
+__all__ = ["PARAMETER_GROUPS", "NonFiniteError", "StepStats", "TrainSettings", "Trainer", "group_slot_counts",
+           "is_expert_parameter", "parameter_group"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -133,3 +134,20 @@ def test_expert_parallel_gradients_equal_one_process(single_process, profile, wo
     if nan:  # the rank whose expert weight went Inf names itself and where; every rank stops
         assert results[1]["stopped"] == "step 1, rank 1: NaN or Inf in the output of layer 0"
         assert results[0]["stopped"].startswith("step 1, rank 0: NaN or Inf in")
+
+
+def starved_job(rt):
+    """Two whole steps where no token may choose rank 1's FFN experts (their bias far down): that rank receives
+    nothing to compute and its experts get no gradient, and every collective still pairs up."""
+    model = init_weights(LongcatForCausalLM(CONFIG, rt), 0)
+    for layer in model.model.layers:
+        layer.mlp.router.e_score_correction_bias[CONFIG.n_routed_experts // 2: CONFIG.n_routed_experts] = -100.0
+    trainer = Trainer(model, dataclasses.replace(SETTINGS, bias_update_rate=0.0))
+    ids = batch()[my_rows(BATCH, rt.rank, rt.world_size)]
+    return [trainer.step(ids) for _ in range(2)], model.model.layers[0].mlp.experts.gate_up.grad
+
+
+def test_a_rank_whose_experts_get_no_slot_still_trains():
+    results = run_ranks(starved_job, 2, "cpu-gloo", timeout_s=120)
+    assert results[0][0] == results[1][0]
+    assert results[1][1] is None  # rank 1's experts saw no slot
