@@ -35,14 +35,21 @@ def swiglu_experts(x: torch.Tensor, local_ids: torch.Tensor, weights: torch.Tens
     experts, slots = torch.sort(local_ids.reshape(-1).remainder(count + 1), stable=True)
     sizes = torch.bincount(experts, minlength=count + 1).tolist()
     slot_weights = weights.reshape(-1)[slots].to(x.dtype)
-    # zeros that still hang from x and weights (empty sums, exactly 0): with no slot here, backward must still
-    # reach what the dispatch delivered, so that its collective runs on this rank as on every other
-    out = torch.zeros_like(x) + (x[:0].sum() + weights[:0].sum().to(x.dtype))
+    # one view per expert, taken once: backward then adds into one stacked gradient, not a full-size zero
+    # tensor per expert as indexing gate_up[expert] would
+    gate_ups, downs = gate_up.unbind(0), down.unbind(0)
+    rows_of, outputs = [], []
     for expert, slot, weight in zip(range(count), slots.split(sizes), slot_weights.split(sizes)):
         if slot.numel():
             rows = slot // k
-            gate, up = (x[rows] @ gate_up[expert]).chunk(2, dim=-1)
-            out = out.index_add(0, rows, (F.silu(gate) * up * weight[:, None]) @ down[expert])
+            gate, up = (x[rows] @ gate_ups[expert]).chunk(2, dim=-1)
+            outputs.append((F.silu(gate) * up * weight[:, None]) @ downs[expert])
+            rows_of.append(rows)
+    # zeros that still hang from x and weights (empty sums, exactly 0): with no slot here, backward must still
+    # reach what the dispatch delivered, so that its collective runs on this rank as on every other
+    out = torch.zeros_like(x) + (x[:0].sum() + weights[:0].sum().to(x.dtype))
+    if outputs:  # one sum into the rows, in expert order as before
+        out = out.index_add(0, torch.cat(rows_of), torch.cat(outputs))
     return out
 
 

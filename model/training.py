@@ -9,7 +9,7 @@ device-level balance loss, hidden z-loss), so after `backward`:
 - each FFN expert's gradient is complete on its owning rank (its tokens came from every
   rank), and its optimizer state lives only there;
 - every replicated weight's gradient is summed over the ranks through the Communicator
-  (any collective library: torch.distributed's or MPI), in buckets issued
+  (whatever collective library the profile picks), in buckets issued
   asynchronously one after another and then waited for.
 
 Then the gradient norm is clipped over the whole model (experts counted once, on their
