@@ -15,7 +15,7 @@ from typing import Any, Sequence
 import torch
 
 import moeport
-from moeport import onnx_export
+from moeport import onnx_export, train_job
 from moeport.base.dtypes import torch_dtype
 from moeport.base.errors import UserError, WriteError
 from moeport.launch import RankFailure
@@ -24,7 +24,6 @@ from moeport.token_files import emit_sequences, read_prompts, read_tokens, save_
 
 # Commands whose names are reserved for the work that brings them.
 RESERVED = {
-    "train": "training steps",
     "bench": "benchmarks",
 }
 
@@ -301,6 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.add_argument("--json", metavar="PATH", help="write the matrix as JSON")
     conformance.set_defaults(func=_conformance)
     onnx_export.add_parser(sub)
+    train_job.add_parser(sub)
+    from moeport.plan import command as plan_command  # `moeport plan`: its parser and handler live in moeport/plan
+
+    plan_command.add_parser(sub)
     for name, text in RESERVED.items():
         p = sub.add_parser(name, help=f"{text} (not yet available)")
         p.add_argument("rest", nargs=argparse.REMAINDER)

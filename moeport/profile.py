@@ -18,6 +18,7 @@ from pydantic import (
     Field,
     PrivateAttr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -27,6 +28,9 @@ from moeport.collectives.base import FALLBACKS
 from moeport.model.config import PRESETS, LongcatConfig, preset
 from moeport.model.exchange import DISPATCH_MODES
 from moeport.model.schedule import SCHEDULES
+from moeport.plan.hardware import HardwareSpec, shipped_data
+from moeport.plan.workload import PlanSection
+from moeport.train_profile import TrainSection
 
 DEFAULT_PROFILE = "cpu-gloo"
 
@@ -98,9 +102,18 @@ class Profile(_Section):
     model: ModelSection = ModelSection()
     moe: MoESection = MoESection()
     emulated_link: EmulatedLinkSection | None = None
-    hardware: dict[str, Any] = Field(default_factory=dict)
+    # `moeport plan`'s sections: the hardware (a mapping, or a shipped hardware's name) and the workload
+    hardware: HardwareSpec | None = None
+    plan: PlanSection = PlanSection()
+    train: TrainSection = TrainSection()  # `moeport train`'s settings
 
     _source: str = PrivateAttr(default="<profile>")
+
+    @field_validator("hardware", mode="before")
+    @classmethod
+    def _shipped_hardware(cls, value: Any) -> Any:
+        """A shipped hardware's name stands for its mapping."""
+        return shipped_data(value) if isinstance(value, str) else value
 
     @property
     def source(self) -> str:
