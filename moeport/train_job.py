@@ -87,8 +87,10 @@ def train_job(rt: Any, settings: Any, steps: int, data: list[str] | None, seq_le
         batch = step_batch(stream, trainer.steps_done, rows, seq_len)[mine]
         stats = trainer.step(batch)
         history.append(dataclasses.asdict(stats))
-        if bar is not None:
-            bar.set_postfix(loss=f"{stats.loss:.3f}", ffn_per_token=f"{stats.ffn_experts_per_token:.2f}")
+        if bar is not None:  # each step: loss, tokens/s so far, FFN experts per token, zero-expert share
+            rate = len(history) * rows * seq_len / max(time.perf_counter() - started, 1e-9)
+            bar.set_postfix(loss=f"{stats.loss:.3f}", tokens_per_s=f"{rate:.0f}",
+                            ffn_per_token=f"{stats.ffn_experts_per_token:.2f}", zero=f"{stats.zero_expert_share:.1%}")
             bar.update(1)
         if checkpoint_dir and (trainer.steps_done == steps or (save_every and trainer.steps_done % save_every == 0)):
             _save(rt, model, trainer, os.path.join(checkpoint_dir, f"step-{trainer.steps_done:06d}"))
