@@ -11,7 +11,6 @@ import importlib.resources
 import os
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -23,7 +22,7 @@ from pydantic import (
 )
 
 from moeport.base.dtypes import MODEL_DTYPES
-from moeport.base.errors import UserError
+from moeport.base.errors import UserError, format_validation_error
 from moeport.collectives.base import FALLBACKS
 from moeport.model.config import PRESETS, LongcatConfig, preset
 from moeport.model.exchange import DISPATCH_MODES
@@ -31,6 +30,7 @@ from moeport.model.schedule import SCHEDULES
 from moeport.plan.hardware import HardwareSpec, shipped_data
 from moeport.plan.workload import PlanSection
 from moeport.train_profile import TrainSection
+from moeport.yaml_file import read_yaml
 
 DEFAULT_PROFILE = "cpu-gloo"
 
@@ -206,20 +206,6 @@ def model_config_of(profile: Profile) -> tuple[Any, str]:
     return config, what
 
 
-def _format_error(source: str, error: dict[str, Any]) -> str:
-    path = ".".join(str(p) for p in error["loc"]) or "(top level)"
-    kind = error["type"]
-    if kind == "extra_forbidden":
-        return f"{source}: {path}: unknown key"
-    message = error["msg"]
-    if kind == "value_error":
-        return f"{source}: {path}: {message.removeprefix('Value error, ')}"
-    if kind == "missing":
-        return f"{source}: {path}: required key is missing"
-    message = message.replace("Input should be", "expected").replace("input should be", "expected")
-    return f"{source}: {path}: {message}, got {error['input']!r}"
-
-
 def parse_profile(data: Any, source: str) -> Profile:
     """Validate a profile mapping read from `source`."""
     if data is None:
@@ -229,7 +215,7 @@ def parse_profile(data: Any, source: str) -> Profile:
     try:
         profile = Profile.model_validate(data)
     except ValidationError as exc:
-        raise UserError(_format_error(source, exc.errors()[0])) from None
+        raise UserError(format_validation_error(source, exc.errors()[0])) from None
     profile._source = source
     base = os.path.dirname(os.path.abspath(source)) if os.path.isfile(source) else os.getcwd()
     checkpoint = profile.model.checkpoint
@@ -264,14 +250,5 @@ def find_profile(name_or_path: str | None) -> str:
 def load_profile(name_or_path: str | None = None, world_size: int | None = None) -> Profile:
     """Read and validate a profile by shipped name or path, with an optional world-size override."""
     path = find_profile(name_or_path)
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise UserError(f"{path}:{where}: malformed YAML: {problem}") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read profile: {exc.strerror}") from None
+    data = read_yaml(path, "profile")
     return parse_profile(data, path).with_world_size(world_size)

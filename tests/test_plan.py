@@ -7,12 +7,12 @@ import dataclasses
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from moeport.model.config import PRESETS
 from moeport.model.schedule import Compute, overlap_windows
 from moeport.plan import stages
 from moeport.plan.architectures import DEEPSEEK_V3, Architecture, architecture
+from moeport.plan.calibrate import CountOperators
 from moeport.plan.hardware import load_hardware, parse_hardware
 from moeport.plan.planner import default_ep, make_plan, schedule_figures, stages_seconds
 from moeport.plan.schedules import SCMOE_STEPS, run_schedule, simulate, windows
@@ -166,16 +166,6 @@ def test_planner_windows_are_the_runtimes():
     assert windows(SCMOE_STEPS) == {name: [s for s in steps if s != "sum"] for name, steps in runtime.items()}
 
 
-class _Count(TorchDispatchMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def test_operator_counts_follow_the_layer():
     """The dense parts' operator counts stay near what the tiny model's layer launches (a drift guard)."""
     from moeport.model import LongcatForCausalLM
@@ -191,7 +181,7 @@ def test_operator_counts_follow_the_layer():
         for step in steps():
             if isinstance(step, Compute):
                 def run(state, step=step):
-                    mode = _Count()
+                    mode = CountOperators()
                     with mode:
                         step.run(state)
                     counts[step.name] += mode.count

@@ -1,8 +1,13 @@
 """The two errors moeport reports as one line without a traceback.
 
 UserError: the user's input was wrong (exit code 2). WriteError: an output file
-could not be written (exit code 1).
+could not be written (exit code 1). `format_validation_error` turns a pydantic
+validation error into such a line (the file, the key path, what was expected).
 """
+
+from __future__ import annotations
+
+from typing import Any
 
 
 class UserError(Exception):
@@ -31,3 +36,17 @@ class WriteError(OSError):
 
     def __reduce__(self):
         return (type(self), (self.path, self.cause, self.errno))
+
+
+def format_validation_error(source: str, error: dict[str, Any], prefix: str = "") -> str:
+    """One line for a pydantic validation error (one of `ValidationError.errors()`): the source, the key path (after `prefix`) and what was expected."""
+    path = ".".join([prefix] * bool(prefix) + [str(p) for p in error["loc"]]) or "(top level)"
+    kind, message = error["type"], error["msg"]
+    if kind == "extra_forbidden":
+        return f"{source}: {path}: unknown key"
+    if kind == "value_error":
+        return f"{source}: {path}: {message.removeprefix('Value error, ')}"
+    if kind == "missing":
+        return f"{source}: {path}: required key is missing"
+    message = message.replace("Input should be", "expected").replace("input should be", "expected")
+    return f"{source}: {path}: {message}, got {error['input']!r}"

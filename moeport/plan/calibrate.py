@@ -100,8 +100,8 @@ def measure_weight_stream(megabytes: int = 256, rows: int = 8, repeats: int = 5,
     return sum(w.numel() for w in pool) * 4 / _median(once, repeats, barrier)
 
 
-class _CountOps(TorchDispatchMode):
-    """Counts the operators that reach torch's dispatcher."""
+class CountOperators(TorchDispatchMode):
+    """Counts the operators that reach torch's dispatcher while it is entered (a `with` block)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -125,7 +125,7 @@ def measure_op_overhead(batch: int = 8, steps: int = 32, prompt: int = 16, barri
         caches = model.new_caches(batch, prompt + steps + 3)
         logits = model(ids, caches, logits_to_keep=1)[:, -1]
         logits = model(logits.argmax(-1, keepdim=True), caches, logits_to_keep=1)[:, -1]  # warm-up step
-        counter = _CountOps()
+        counter = CountOperators()
         with counter:
             logits = model(logits.argmax(-1, keepdim=True), caches, logits_to_keep=1)[:, -1]
         state = {"logits": logits}

@@ -15,11 +15,10 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from moeport.base.errors import UserError
+from moeport.base.errors import UserError, format_validation_error
 from moeport.plan.architectures import Architecture, architecture, planner_models
 from moeport.plan.hardware import (
     HardwareSpec,
-    format_validation_error,
     load_hardware,
     parse_hardware,
     shipped_hardware,

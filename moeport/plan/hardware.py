@@ -13,10 +13,10 @@ import importlib.resources
 import os
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from moeport.base.errors import UserError
+from moeport.base.errors import UserError, format_validation_error
+from moeport.yaml_file import read_yaml
 
 #: The element sizes of the planner's dtypes, in bytes. `float8` is the planner's own name (the
 #: runtime has no float8 dtype): e4m3 / e5m2 alike.
@@ -87,20 +87,6 @@ class HardwareSpec(PlanSectionBase):
         return self.link_bandwidth_gbps * 1e9 * self.efficiency.link
 
 
-def format_validation_error(source: str, error: dict[str, Any], prefix: str = "") -> str:
-    """One line for a pydantic error: the source, the key path (after `prefix`) and what was expected."""
-    path = ".".join([prefix] * bool(prefix) + [str(p) for p in error["loc"]]) or "(top level)"
-    kind, message = error["type"], error["msg"]
-    if kind == "extra_forbidden":
-        return f"{source}: {path}: unknown key"
-    if kind == "value_error":
-        return f"{source}: {path}: {message.removeprefix('Value error, ')}"
-    if kind == "missing":
-        return f"{source}: {path}: required key is missing"
-    message = message.replace("Input should be", "expected").replace("input should be", "expected")
-    return f"{source}: {path}: {message}, got {error['input']!r}"
-
-
 def shipped_hardware() -> dict[str, str]:
     """Shipped hardware name -> file path."""
     folder = importlib.resources.files("moeport.plan") / "hardware"
@@ -110,15 +96,7 @@ def shipped_hardware() -> dict[str, str]:
 
 def read_yaml_mapping(path: str, what: str) -> dict[str, Any]:
     """The mapping in a YAML file; a UserError naming the file when it cannot be read or holds no mapping."""
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark is not None else ""
-        raise UserError(f"{path}:{where} malformed YAML: {getattr(exc, 'problem', None) or exc}") from None
-    except OSError as exc:
-        raise UserError(f"{path}: cannot read {what}: {exc.strerror}") from None
+    data = read_yaml(path, what)
     if not isinstance(data, dict):
         raise UserError(f"{path}: expected a mapping of {what} keys, got {type(data).__name__}")
     return data
@@ -162,7 +140,6 @@ __all__ = [
     "Efficiency",
     "HardwareSpec",
     "MatmulRates",
-    "format_validation_error",
     "load_hardware",
     "parse_hardware",
     "read_yaml_mapping",
