@@ -42,6 +42,7 @@ sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.join(REPO, "tests"))
 
 from moeport.model import PRESETS, Engine, load_pretrained  # noqa: E402
+from moeport.model.generation import left_pad  # noqa: E402
 from reference import load_reference, save_reference_checkpoint  # noqa: E402
 
 
@@ -71,24 +72,14 @@ def serve_engine(model, requests, max_batch: int) -> dict:
     return {"tokens": [tokens[i] for i in ids], "latency": [done_at[i] for i in ids], "wall": wall, "live": live}
 
 
-def left_padded(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """A batch of (prompt, max_new_tokens) as left-padded ids and the attention mask."""
-    width = max(len(p) for p, _ in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.int64)
-    mask = torch.zeros_like(ids)
-    for row, (prompt, _) in enumerate(batch):
-        ids[row, width - len(prompt):] = torch.tensor(prompt)
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
 def serve_static(generate, requests, max_batch: int) -> dict:
     """The workload in static batches of `max_batch` through `generate(ids, mask, steps)` -> ids [B, T + steps]."""
     tokens, latency = [], []
     start = time.perf_counter()
     for first in range(0, len(requests), max_batch):
         batch = requests[first:first + max_batch]
-        ids, mask = left_padded(batch)
+        ids, mask = left_pad([prompt for prompt, _ in batch], pad_id=0)
+        mask = torch.ones_like(ids) if mask is None else mask
         out = generate(ids, mask, max(n for _, n in batch))
         ended = time.perf_counter() - start
         for row, (_, new) in enumerate(batch):

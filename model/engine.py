@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from moeport.model.generation import FROM_CHECKPOINT, pick_next_token, stop_and_pad
+from moeport.model.generation import FROM_CHECKPOINT, left_pad, pick_next_token, stop_and_pad
 
 if TYPE_CHECKING:
     from moeport.model.lm import LongcatForCausalLM
@@ -247,14 +247,10 @@ class Engine:
             self._empty_forward(decoding=False)
             return []
         device = self.model.device
-        width = max(len(r.prompt) for r in joiners)
-        ids = torch.zeros(len(joiners), width, dtype=torch.int64)
-        mask = torch.zeros_like(ids)
-        for row, request in enumerate(joiners):
-            ids[row, width - len(request.prompt):] = torch.tensor(request.prompt)
-            mask[row, width - len(request.prompt):] = 1
-        own = self.model.new_caches(len(joiners), width)
-        logits = self.model(ids.to(device), own, logits_to_keep=1, attention_mask=mask.to(device), decoding=False)
+        ids, mask = left_pad([r.prompt for r in joiners], pad_id=0)
+        own = self.model.new_caches(len(joiners), ids.shape[1])
+        logits = self.model(ids.to(device), own, logits_to_keep=1, decoding=False,
+                            attention_mask=None if mask is None else mask.to(device))
         tokens = self._pick(logits[:, -1], joiners)
         slots = [r.slot for r in joiners]  # before _finish frees any
         finished, keep = [], []

@@ -107,20 +107,30 @@ class CausalLMGraph(nn.Module):
         return m.lm_head(m.model.norm(x))
 
 
-class AttentionGraph(nn.Module):
+class _RotatedGraph(nn.Module):
+    """A block that takes the rotation of its sequence's positions, computed in the graph from `inv_freq`."""
+
+    def __init__(self, inv_freq: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
+
+    def rotation_of(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin for positions 0 .. seq - 1 of hidden_states [batch, seq, hidden]."""
+        return rotation(self.inv_freq, hidden_states.shape[1], hidden_states.dtype)
+
+
+class AttentionGraph(_RotatedGraph):
     """One MLA sublayer (no cache; causal): hidden_states [batch, seq, hidden] (its normed input) ->
     attn_output [batch, seq, hidden]."""
 
     INPUTS, OUTPUTS = ("hidden_states",), ("attn_output",)
 
     def __init__(self, attention: MLA, inv_freq: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__(inv_freq)
         self.attention = attention
-        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        cos, sin = rotation(self.inv_freq, hidden_states.shape[1], hidden_states.dtype)
-        return self.attention(hidden_states, cos, sin)
+        return self.attention(hidden_states, *self.rotation_of(hidden_states))
 
 
 class DenseFFNGraph(nn.Module):
@@ -166,17 +176,15 @@ class ExpertsGraph(nn.Module):
         return experts_all_dense(hidden_states, expert_ids, expert_weights, self.experts.gate_up, self.experts.down)
 
 
-class ScMoELayerGraph(nn.Module):
+class ScMoELayerGraph(_RotatedGraph):
     """One whole ScMoE layer (use under dense_experts): hidden_states [batch, seq, hidden] -> layer_output
     [batch, seq, hidden]."""
 
     INPUTS, OUTPUTS = ("hidden_states",), ("layer_output",)
 
     def __init__(self, layer: ScMoELayer, inv_freq: torch.Tensor) -> None:
-        super().__init__()
+        super().__init__(inv_freq)
         self.layer = layer
-        self.register_buffer("inv_freq", inv_freq.clone(), persistent=False)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        cos, sin = rotation(self.inv_freq, hidden_states.shape[1], hidden_states.dtype)
-        return self.layer(hidden_states, cos, sin, schedule="sequential")
+        return self.layer(hidden_states, *self.rotation_of(hidden_states), schedule="sequential")

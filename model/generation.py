@@ -68,6 +68,22 @@ def stop_and_pad(defaults: GenerationDefaults, eos_token_id: int | Sequence[int]
     return stops, pad_token_id
 
 
+def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompts (lists of ids, or the rows of an array) as one batch: ids [B, T] int64, each prompt right-aligned
+    after `pad_id` fill (left padding, as transformers does it), and the attention mask [B, T] (1 real, 0 padding);
+    the mask is None when every prompt has the same length (no padding). No prompts: ids [0, 1]."""
+    lengths = [len(p) for p in prompts]
+    width = max(lengths, default=1)  # a rank with no prompts runs a batch of none, one position wide
+    if all(n == width for n in lengths):
+        return torch.as_tensor(prompts, dtype=torch.int64).reshape(len(prompts), width), None
+    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
+    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
+    for row, prompt in enumerate(prompts):
+        ids[row, width - len(prompt):] = torch.as_tensor(prompt, dtype=torch.int64)
+        mask[row, width - len(prompt):] = 1
+    return ids, mask
+
+
 def pick_next_token(
     logits: torch.Tensor, do_sample: bool, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
 ) -> torch.Tensor:

@@ -36,9 +36,15 @@ def expert_groups(n_routed_experts: int, n_zero_experts: int, groups: int, devic
     return torch.cat([ffn, torch.full((n_zero_experts,), groups, dtype=torch.int64, device=device)])
 
 
+def group_counts(expert_slots: torch.Tensor, group_of: torch.Tensor, groups: int) -> torch.Tensor:
+    """Slots per group [D + 1] (float32) from slots per expert [N + Z]."""
+    counts = torch.zeros(groups + 1, dtype=torch.float32, device=expert_slots.device)
+    return counts.index_add(0, group_of, expert_slots.to(torch.float32))
+
+
 def group_slot_counts(ids: torch.Tensor, group_of: torch.Tensor, groups: int) -> torch.Tensor:
     """Slots per group [D + 1] of routed ids [T, k] (float32, to be all-reduced over the ranks)."""
-    return torch.bincount(group_of[ids.reshape(-1)], minlength=groups + 1).to(torch.float32)
+    return group_counts(torch.bincount(ids.reshape(-1), minlength=group_of.numel()), group_of, groups)
 
 
 def balance_loss(scores: torch.Tensor, group_of: torch.Tensor, counts: torch.Tensor, groups: int,

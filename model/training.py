@@ -30,7 +30,7 @@ from moeport.collectives.base import Communicator
 from moeport.model.objective import (
     balance_loss,
     expert_groups,
-    group_slot_counts,
+    group_counts,
     hidden_z_loss,
     next_token_loss,
     update_expert_bias,
@@ -197,7 +197,7 @@ class Trainer:
                              for r in self._routings]).to(torch.float32)
         slots = self._global_sum(slots)
         balance = sum(
-            balance_loss(r.scores, self.group_of, _group_counts(row, self.group_of, self.groups), self.groups,
+            balance_loss(r.scores, self.group_of, group_counts(row, self.group_of, self.groups), self.groups,
                          s.ffn_experts_per_token, config.moe_topk, total, s.balance_coef)
             for r, row in zip(self._routings, slots))
         z = sum(hidden_z_loss(h, total, s.z_loss_coef) for h in self._hidden)
@@ -300,10 +300,5 @@ class Trainer:
                                s.ffn_experts_per_token, config.moe_topk, rate)
 
 
-def _group_counts(slots: torch.Tensor, group_of: torch.Tensor, groups: int) -> torch.Tensor:
-    """Slots per balance group [D + 1] from slots per expert [N + Z]."""
-    return torch.zeros(groups + 1, dtype=torch.float32, device=slots.device).index_add(0, group_of, slots)
-
-
-__all__ = ["PARAMETER_GROUPS", "NonFiniteError", "StepStats", "TrainSettings", "Trainer", "group_slot_counts",
-           "is_expert_parameter", "parameter_group"]
+__all__ = ["PARAMETER_GROUPS", "NonFiniteError", "StepStats", "TrainSettings", "Trainer", "is_expert_parameter",
+           "parameter_group"]

@@ -170,22 +170,6 @@ def forward_job(rt: Runtime, tokens: np.ndarray) -> np.ndarray | None:
     return None if full is None else full.cpu().numpy()
 
 
-def left_pad(prompts: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompts (lists of ids, or the rows of an array) as one batch: ids [B, T] int64, each prompt right-aligned
-    after `pad_id` fill (left padding, as transformers does it), and the attention mask [B, T] (1 real, 0 padding);
-    the mask is None when every prompt has the same length (no padding). No prompts: ids [0, 1]."""
-    lengths = [len(p) for p in prompts]
-    width = max(lengths, default=1)  # a rank with no prompts runs a batch of none, one position wide
-    if all(n == width for n in lengths):
-        return torch.as_tensor(np.asarray(prompts, dtype=np.int64).reshape(len(prompts), width)), None
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.int64)
-    mask = torch.zeros((len(prompts), width), dtype=torch.int64)
-    for row, prompt in enumerate(prompts):
-        ids[row, width - len(prompt):] = torch.as_tensor(np.asarray(prompt, dtype=np.int64))
-        mask[row, width - len(prompt):] = 1
-    return ids, mask
-
-
 def generated_part(new_ids: Sequence[int], stop_ids: Sequence[int]) -> list[int]:
     """A sequence's generated tokens: `new_ids` (what generate appended to its row) up to and including its first
     stop token, all of them where it has none (the pad fill after a stop is dropped)."""
@@ -205,6 +189,8 @@ def generate_job(rt: Runtime, prompts: Sequence[Sequence[int]], new_tokens: int,
     The rank left-pads its own prompts into one batch with an attention mask (none when they are all as long) and
     fills stopped sequences with `pad_id`; every rank returns its own rows, whatever their padded width.
     """
+    from moeport.model.generation import left_pad
+
     model = build_model(rt)
     mine = prompts[my_rows(len(prompts), rt.rank, rt.world_size)]
     ids, mask = left_pad(mine, pad_id)

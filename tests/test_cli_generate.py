@@ -10,8 +10,9 @@ import torch
 
 from conftest import run_cli
 from moeport.cli import main
-from moeport.jobs import generated_part, left_pad
+from moeport.jobs import generated_part
 from moeport.model import load_pretrained
+from moeport.model.generation import left_pad
 
 pytestmark = pytest.mark.timeout(300)
 
