@@ -34,7 +34,13 @@ class ReduceOp(enum.Enum):
 
 
 class Handle(abc.ABC):
-    """An operation in flight."""
+    """An operation in flight.
+
+    `backward` is, for a differentiable exchange, its gradients' exchange (a BackwardExchange of
+    collectives/differentiable.py, which tells when it ran); None otherwise.
+    """
+
+    backward: Any = None
 
     @abc.abstractmethod
     def wait(self, timeout: float | None = None) -> Any:
@@ -65,6 +71,7 @@ class MappedHandle(Handle):
         self._inner = inner
         self._finish: Callable[[Any], Any] | None = finish
         self._result: Any = None
+        self.backward = inner.backward
 
     def wait(self, timeout: float | None = None) -> Any:
         result = self._inner.wait(timeout)

@@ -3,7 +3,8 @@
 Each function runs one Communicator collective forward and its transpose
 backward:
 
-    all_to_all      backward: all_to_all of the gradient with the splits swapped
+    all_to_all      backward: all_to_all of the gradient with the splits swapped,
+                    asynchronous where the forward's was (BackwardExchange)
     all_gather      backward: reduce_scatter (sum) of the gradient
     reduce_scatter  backward: all_gather of the gradient
 
@@ -22,7 +23,7 @@ each way, the bits arriving exactly as sent, whatever the dtypes.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -90,55 +91,117 @@ def unpack_rows(packed: torch.Tensor, fmt: RowFormat) -> list[torch.Tensor]:
     return [fmt.view(packed, i) for i in range(len(fmt.fields))]
 
 
-class _AllToAll(torch.autograd.Function):
-    """all_to_all forward; the same exchange with input and output splits swapped backward."""
+class BackwardExchange:
+    """The backward side of one differentiable all_to_all: the gradients' exchange, the forward's transpose.
 
-    @staticmethod
-    def forward(ctx, comm, input_splits, output_splits, pending, x):  # type: ignore[override]
-        ctx.comm, ctx.input_splits, ctx.output_splits = comm, input_splits, output_splits
-        out = x.new_empty((sum(output_splits), *x.shape[1:]))
-        handle = comm.all_to_all(x, out, input_splits, output_splits, async_op=pending is not None)
-        if pending is not None:
-            pending.append(handle)
-        return out
+    The forward is two autograd nodes, one made when the exchange is issued and one when its
+    result is taken (waited for). Autograd runs a backward node after every node made later in
+    the forward that it depends on, and among nodes ready at once the one made latest first; so
+    the gradients' exchange is issued where the taking node's backward runs and waited for where
+    the issuing node's backward runs, and the dense backward work the forward ran between the
+    two runs in between while the gradients travel. A forward that waits at once (the
+    sequential schedule) gets a backward that waits at once.
 
-    @staticmethod
-    def backward(ctx, grad):  # type: ignore[override]
-        grad_in = ctx.comm.all_to_all(grad.contiguous(), input_splits=ctx.output_splits, output_splits=ctx.input_splits)
-        return None, None, None, None, grad_in
-
-
-class _PackedAllToAll(torch.autograd.Function):
-    """all_to_all of several tensors' rows packed into byte rows: one exchange forward, one backward.
-
-    Gradients travel for every floating-point tensor (zeros where a gradient is
-    absent), so the backward exchange has the same shape on every rank.
+    Set `mark` (a function that records a timing event and returns it) before the backward to
+    have `span()` tell when the backward exchange was issued and waited for.
     """
 
+    def __init__(self, comm: Communicator, input_splits: list[int], output_splits: list[int]) -> None:
+        self.comm, self.input_splits, self.output_splits = comm, input_splits, output_splits
+        self.mark: Callable[[], Any] | None = None
+        self._handle: Handle | None = None
+        self._events: dict[str, Any] = {}
+
+    def issue(self, grads: Sequence[torch.Tensor], rows_back: int) -> None:
+        """Start sending `grads` (one per floating-point field, [rows out, ...]) back the way the rows came."""
+        self._events = {"issued": self._mark()}
+        send, self._read = _rows_to_send(grads)
+        recv = send.new_empty((rows_back, *send.shape[1:]))
+        self._handle = self.comm.all_to_all(send, recv, self.output_splits, self.input_splits, async_op=True)
+        self._events["issue_returned"] = self._mark()
+        self._recv = recv
+
+    def wait(self) -> list[torch.Tensor]:
+        """The gradients that came back (one per field `issue` sent, [rows in, ...])."""
+        handle, self._handle = self._handle, None
+        assert handle is not None, "the backward exchange was never issued"
+        done_before = handle.is_completed()
+        self._events["wait_began"] = self._mark()
+        recv = handle.wait(self.comm.timeout_s)
+        self._events["wait_returned"] = self._mark()
+        self._events["complete_before_wait"] = done_before
+        return self._read(recv)
+
+    def span(self) -> dict[str, Any] | None:
+        """The last backward exchange's events (issued, issue_returned, wait_began, wait_returned, as `mark`
+        made them) and complete_before_wait; None until one was waited for, or without `mark`."""
+        if self.mark is None or "wait_returned" not in self._events:
+            return None
+        return dict(self._events)
+
+    def _mark(self) -> Any:
+        return self.mark() if self.mark is not None else None
+
+
+class _Exchange:
+    """One differentiable all_to_all of the rows of several tensors (one exchange each way)."""
+
+    def __init__(self, comm: Communicator, tensors: Sequence[torch.Tensor], ins: list[int], outs: list[int]) -> None:
+        self.backward = BackwardExchange(comm, ins, outs)
+        self.shapes = [t.shape for t in tensors]
+        self.float_fields = [i for i, t in enumerate(tensors) if t.is_floating_point()]
+        send, self.read = _rows_to_send(tensors)
+        self.recv = send.new_empty((sum(outs), *send.shape[1:]))
+        self.handle = comm.all_to_all(send, self.recv, ins, outs, async_op=True)
+
+
+def _rows_to_send(tensors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, Callable[[torch.Tensor], list]]:
+    """The rows of `tensors` as one tensor to exchange (the tensor itself when alone, else their rows packed
+    into byte rows), and the function that reads received rows of it back into one tensor per field."""
+    if len(tensors) == 1:
+        return tensors[0].contiguous(), lambda rows: [rows]
+    packed, fmt = pack_rows(tensors)
+    shapes = [t.shape[1:] for t in tensors]
+    return packed, lambda rows: [v.view(rows.shape[0], *s) for v, s in zip(unpack_rows(rows, fmt), shapes)]
+
+
+class _IssueAllToAll(torch.autograd.Function):
+    """The node made when the exchange is issued; backward: wait for the gradients' exchange."""
+
     @staticmethod
-    def forward(ctx, comm, input_splits, output_splits, pending, *tensors):  # type: ignore[override]
-        ctx.comm, ctx.input_splits, ctx.output_splits = comm, input_splits, output_splits
-        ctx.in_shapes = [t.shape for t in tensors]
-        ctx.float_fields = [i for i, t in enumerate(tensors) if t.is_floating_point()]
-        packed, fmt = pack_rows(tensors)
-        recv = packed.new_empty((sum(output_splits), fmt.row_bytes))
-        handle = comm.all_to_all(packed, recv, input_splits, output_splits, async_op=pending is not None)
-        if pending is not None:
-            pending.append(handle)
-        rows = recv.shape[0]
-        outs = [v.view(rows, *t.shape[1:]) for v, t in zip(unpack_rows(recv, fmt), tensors)]
+    def forward(ctx, exchange, *tensors):  # type: ignore[override]
+        ctx.exchange = exchange
+        return tensors[0].new_empty(0, dtype=torch.float32)  # connects the taking node to the inputs
+
+    @staticmethod
+    def backward(ctx, _):  # type: ignore[override]
+        exchange = ctx.exchange
+        grad_in: list[torch.Tensor | None] = [None] * len(exchange.shapes)
+        if exchange.float_fields:
+            for g, i in zip(exchange.backward.wait(), exchange.float_fields):
+                grad_in[i] = g.reshape(exchange.shapes[i])
+        return (None, *grad_in)
+
+
+class _TakeAllToAll(torch.autograd.Function):
+    """The node made when the exchange's result is taken; backward: issue the gradients' exchange."""
+
+    @staticmethod
+    def forward(ctx, exchange, link):  # type: ignore[override]
+        ctx.exchange = exchange
+        outs = exchange.read(exchange.recv)
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads):  # type: ignore[override]
-        rows_out = sum(ctx.output_splits)
-        parts = [grads[i].reshape(rows_out, _width(grads[i])) for i in ctx.float_fields]  # materialised: never None
-        back = all_to_all(ctx.comm, parts, ctx.output_splits, ctx.input_splits) if parts else []
-        grad_in: list[torch.Tensor | None] = [None] * len(ctx.in_shapes)
-        for g, i in zip(back, ctx.float_fields):
-            grad_in[i] = g.reshape(ctx.in_shapes[i])
-        return (None, None, None, None, *grad_in)
+        exchange = ctx.exchange
+        if exchange.float_fields:  # materialised: zeros where an output's gradient is absent
+            rows_in = exchange.shapes[0][0]
+            exchange.backward.issue([grads[i].reshape(grads[i].shape[0], _width(grads[i]))
+                                     if len(exchange.float_fields) > 1 else grads[i]
+                                     for i in exchange.float_fields], rows_in)
+        return None, torch.zeros(0, dtype=torch.float32, device=exchange.recv.device)
 
 
 def _width(t: torch.Tensor) -> int:
@@ -189,25 +252,32 @@ def all_to_all(
     `Communicator.all_to_all` (equal splits when both are None). With
     `async_op=True` the exchange is issued and a Handle returned whose `wait()`
     gives the output, already connected to the autograd graph; use it only
-    after waiting. Backward is synchronous.
+    after waiting. The backward exchange mirrors the forward's: issued where the
+    output was taken, waited for where the exchange was issued (BackwardExchange,
+    also the Handle's `backward`), so under an overlap schedule the gradients
+    travel while the backward of the work between issue and wait runs.
     """
     several = not isinstance(x, torch.Tensor)
     tensors = list(x) if several else [x]
     if not tensors:
         raise ValueError("all_to_all needs at least one tensor")
     rows = tensors[0].shape[0]
+    if any(t.shape[0] != rows for t in tensors):
+        raise ValueError(f"all_to_all of several tensors needs equal row counts, got {[t.shape[0] for t in tensors]}")
     ins = list(input_splits) if input_splits is not None else equal_splits(rows, comm.world_size)
     outs = list(output_splits) if output_splits is not None else (list(ins) if input_splits is None else None)
     if outs is None:
         raise ValueError("differentiable all_to_all with input_splits needs output_splits")
-    pending: list[Handle] | None = [] if async_op else None
-    if several:
-        out: Any = list(_PackedAllToAll.apply(comm, ins, outs, pending, *tensors))
-    else:
-        out = _AllToAll.apply(comm, ins, outs, pending, tensors[0])
-    if pending is None:
-        return out
-    return MappedHandle(pending[0], lambda _: out)
+    exchange = _Exchange(comm, tensors, ins, outs)
+    link = _IssueAllToAll.apply(exchange, *tensors)
+
+    def take(_: Any) -> Any:
+        out = _TakeAllToAll.apply(exchange, link)
+        return list(out) if several else out[0]
+
+    handle = MappedHandle(exchange.handle, take)
+    handle.backward = exchange.backward
+    return handle if async_op else handle.wait(comm.timeout_s)
 
 
 def all_gather(comm: Communicator, x: torch.Tensor) -> torch.Tensor:

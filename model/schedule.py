@@ -10,7 +10,11 @@ bit-identical; they differ only in when a communication is waited for:
 - overlap:    at its Wait step, so the Compute steps between Issue and Wait run
               while the communication is in flight (LongCat's single-batch overlap).
 
-With a Timeline, every compute step and every communication is timed.
+With a Timeline, every compute step and every communication is timed, and so is the
+backward exchange of a differentiable one (named `<name>_backward`): autograd runs the
+backward, not these drivers, but it issues that exchange where the forward took the result
+and waits where the forward issued it (collectives/differentiable.py), so the backward
+keeps the forward's schedule: overlapped windows stay overlapped, in reverse.
 """
 
 from __future__ import annotations
@@ -107,6 +111,8 @@ def run_steps(steps: Iterable[Step], state: Any, schedule: str = "overlap", time
         elif isinstance(step, Issue):
             issued = timeline.mark() if timeline is not None else None
             op = in_flight[step.name] = _InFlight(step.run(state), issued)
+            if timeline is not None and op.handle.backward is not None:  # its gradients' way back, timed too
+                timeline.add_backward(f"{step.name}_backward", op.handle.backward)
             if timeline is not None:
                 op.issue_returned = timeline.mark()
                 if op.handle.is_completed():

@@ -38,6 +38,7 @@ class Timeline:
         self._synchronize = synchronize
         self._origin = self.mark()
         self._pending: list[tuple[int, str, str, Any, Any, tuple[tuple[Any, Any], ...]]] = []
+        self._deferred: list[tuple[int, str, str, Callable[[], Any]]] = []
         self.layer = 0
 
     @classmethod
@@ -59,11 +60,25 @@ class Timeline:
         """
         self._pending.append((self.layer, name, track, start, end, tuple(b for b in blocked if b is not None)))
 
+    def add_backward(self, name: str, exchange: Any) -> None:
+        """Keep, under `name` in the current layer, a communication whose events arrive later: the backward
+        exchange `exchange` (collectives.differentiable.BackwardExchange) of a forward one, timed on this
+        timeline. Left out of `spans` while it has not run."""
+        exchange.mark = self.mark
+        self._deferred.append((self.layer, name, "comm", exchange.span))
+
     def spans(self) -> list[Span]:
         """Every interval recorded so far, in milliseconds from the origin."""
         self._synchronize()
         out = []
-        for layer, name, track, start, end, blocked in self._pending:
+        pending = list(self._pending)
+        for layer, name, track, span in self._deferred:
+            events = span()
+            if events is not None:  # from issue to completion (seen at latest when its wait returned)
+                end = events["wait_began"] if events["complete_before_wait"] else events["wait_returned"]
+                blocked = ((events["issued"], events["issue_returned"]), (events["wait_began"], events["wait_returned"]))
+                pending.append((layer, name, track, events["issued"], end, blocked))
+        for layer, name, track, start, end, blocked in pending:
             exposed = sum(a.elapsed_time(b) for a, b in blocked)
             out.append(Span(layer, name, track, self._origin.elapsed_time(start), self._origin.elapsed_time(end), exposed))
         return out

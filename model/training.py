@@ -9,8 +9,8 @@ device-level balance loss, hidden z-loss), so after `backward`:
 - each FFN expert's gradient is complete on its owning rank (its tokens came from every
   rank), and its optimizer state lives only there;
 - every replicated weight's gradient is summed over the ranks through the Communicator
-  (whatever collective library the profile picks), in buckets issued
-  asynchronously one after another and then waited for.
+  (whatever collective library the profile picks), in buckets issued asynchronously
+  as the backward produces them, then waited for (model/grad_sync.py).
 
 Then the gradient norm is clipped over the whole model (experts counted once, on their
 owners), a NaN or Inf stops the run naming the step, the rank and the first tensor where
@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from moeport.collectives.base import Communicator
+from moeport.model.grad_sync import GradientBuckets
 from moeport.model.objective import (
     balance_loss,
     expert_groups,
@@ -36,10 +37,7 @@ from moeport.model.objective import (
     update_expert_bias,
 )
 from moeport.model.router import Routing
-
-#: Elements per gradient bucket (float32: 16 MiB).
-BUCKET_ELEMENTS = 4 << 20
-
+from moeport.model.timeline import Timeline
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf appeared: in which step, on which rank, in which tensor first."""
@@ -101,8 +99,10 @@ def parameter_group(name: str) -> str:
 
 @dataclasses.dataclass
 class StepStats:
-    """One step's figures, the same on every rank: the global loss and its terms, the gradient norm before
-    clipping, the average FFN experts per token and the zero-expert share of the slots."""
+    """One step's figures: the global loss and its terms, the gradient norm before clipping, the average FFN
+    experts per token and the zero-expert share of the slots (the same on every rank); with a timeline, this
+    rank's step time and the parts of it its compute waited for the MoE's exchanges (dispatch and combine,
+    forward and backward) and for the replicated gradients' sums (else zeros)."""
 
     step: int
     loss: float
@@ -112,6 +112,9 @@ class StepStats:
     grad_norm: float
     ffn_experts_per_token: float
     zero_expert_share: float
+    seconds: float = 0.0
+    moe_comm_exposed_seconds: float = 0.0
+    grad_sync_exposed_seconds: float = 0.0
 
 
 def is_expert_parameter(name: str) -> bool:
@@ -121,16 +124,21 @@ def is_expert_parameter(name: str) -> bool:
 
 class Trainer:
     """Trains `model` (this rank's part of it) with `settings`; `step(ids)` runs one step on this rank's rows
-    ids [B, S + 1] (inputs and, shifted by one, targets); every rank calls it together."""
+    ids [B, S + 1] (inputs and, shifted by one, targets); every rank calls it together. With `new_timeline`
+    (a function making an empty Timeline) each step is timed and StepStats carries where the time went.
+    `close()` releases the gradients' own communicator."""
 
-    def __init__(self, model: Any, settings: TrainSettings) -> None:
-        self.model, self.settings = model, settings
+    def __init__(self, model: Any, settings: TrainSettings, new_timeline: Callable[[], Timeline] | None = None) -> None:
+        self.model, self.settings, self.new_timeline = model, settings, new_timeline
         self.comm: Communicator = model.context.ep
         config = model.config
         self.groups = settings.balance_groups or self.comm.world_size
         self.group_of = expert_groups(config.n_routed_experts, config.zero_expert_num, self.groups, model.device)
         self.named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.replicated = [(n, p) for n, p in self.named if not is_expert_parameter(n)]
+        self.grad_sync: GradientBuckets | None = None
+        if self.comm.world_size > 1:
+            self.grad_sync = GradientBuckets(self.replicated, self.comm.new_group(list(range(self.comm.world_size))))
         groups: dict[str, list[torch.nn.Parameter]] = {}
         for name, p in self.named:
             groups.setdefault(parameter_group(name), []).append(p)
@@ -203,12 +211,39 @@ class Trainer:
         z = sum(hidden_z_loss(h, total, s.z_loss_coef) for h in self._hidden)
         return lm, balance, z, slots
 
+    def close(self) -> None:
+        """Release the communicator the gradients' sums travel on (every rank together, after the last step)."""
+        if self.grad_sync is not None:
+            self.grad_sync.comm.close()
+            self.grad_sync = None
+
     def step(self, ids: torch.Tensor) -> StepStats:
-        """One training step on this rank's rows; returns the step's figures (the same on every rank)."""
+        """One training step on this rank's rows; returns the step's figures."""
+        timeline = self.new_timeline() if self.new_timeline is not None else None
+        if timeline is not None:
+            start = timeline.mark()
+        self.model.timeline = timeline
+        if self.grad_sync is not None:
+            self.grad_sync.mark = timeline.mark if timeline is not None else None
+        try:
+            stats = self._step(ids)
+        finally:
+            self.model.timeline = None
+        if timeline is None:
+            return stats
+        end = timeline.mark()
+        moe = sum(min(s.exposed_ms, s.ms) for s in timeline.spans() if s.track == "comm") / 1e3
+        sync = sum(a.elapsed_time(b) for a, b in self.grad_sync.blocked) / 1e3 if self.grad_sync is not None else 0.0
+        return dataclasses.replace(stats, seconds=start.elapsed_time(end) / 1e3, moe_comm_exposed_seconds=moe,
+                                   grad_sync_exposed_seconds=sync)
+
+    def _step(self, ids: torch.Tensor) -> StepStats:
         self.model.train()
         lm, balance, z, slots = self.losses(ids.to(self.model.device))
         loss = lm + balance + z
         self._stop_if_any(self._first_nonfinite_forward(loss))  # before backward: every rank stops together
+        if self.grad_sync is not None:
+            self.grad_sync.arm()
         loss.backward()
         self._sync_gradients()
         self._stop_if_any(self._first_nonfinite_gradient())
@@ -229,29 +264,10 @@ class Trainer:
                          norm, float((ffn / tokens).mean()), float(1.0 - (ffn / slots.sum(dim=1)).mean()))
 
     def _sync_gradients(self) -> None:
-        """Sum every replicated weight's gradient over the ranks: buckets issued asynchronously, then waited."""
-        if self.comm.world_size == 1:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for _, p in self.replicated]
-        buckets, current, size = [], [], 0
-        for g in grads:
-            current.append(g)
-            size += g.numel()
-            if size >= BUCKET_ELEMENTS:
-                buckets.append(current)
-                current, size = [], 0
-        if current:
-            buckets.append(current)
-        flats = [torch.cat([g.reshape(-1) for g in bucket]) for bucket in buckets]
-        handles = [self.comm.all_reduce(flat, async_op=True) for flat in flats]
-        for bucket, flat, handle in zip(buckets, flats, handles):
-            handle.wait(self.comm.timeout_s)
-            offset = 0
-            for g in bucket:
-                g.copy_(flat[offset: offset + g.numel()].view_as(g))
-                offset += g.numel()
-        for (_, p), g in zip(self.replicated, grads):
-            p.grad = g
+        """Sum every replicated weight's gradient over the ranks: the buckets the backward has not issued yet
+        are issued, then all are waited for."""
+        if self.grad_sync is not None:
+            self.grad_sync.finish()
 
     def _first_nonfinite_forward(self, loss: torch.Tensor) -> str | None:
         """Where this rank's forward first went NaN or Inf: the first layer output that did, else the loss."""
