@@ -301,6 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     conformance.set_defaults(func=_conformance)
     onnx_export.add_parser(sub)
     train_job.add_parser(sub)
+    from moeport import grow_command  # `moeport grow`: its parser and handler live in moeport/grow_command.py
+
+    grow_command.add_parser(sub)
     from moeport.plan import command as plan_command  # `moeport plan`: its parser and handler live in moeport/plan
 
     plan_command.add_parser(sub)
