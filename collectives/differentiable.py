@@ -110,6 +110,7 @@ class BackwardExchange:
         self.comm, self.input_splits, self.output_splits = comm, input_splits, output_splits
         self.mark: Callable[[], Any] | None = None
         self._handle: Handle | None = None
+        self._send: torch.Tensor | None = None
         self._events: dict[str, Any] = {}
 
     def issue(self, grads: Sequence[torch.Tensor], rows_back: int) -> None:
@@ -119,7 +120,7 @@ class BackwardExchange:
         recv = send.new_empty((rows_back, *send.shape[1:]))
         self._handle = self.comm.all_to_all(send, recv, self.output_splits, self.input_splits, async_op=True)
         self._events["issue_returned"] = self._mark()
-        self._recv = recv
+        self._send = send  # kept until the exchange is waited for
 
     def wait(self) -> list[torch.Tensor]:
         """The gradients that came back (one per field `issue` sent, [rows in, ...])."""
@@ -128,6 +129,7 @@ class BackwardExchange:
         done_before = handle.is_completed()
         self._events["wait_began"] = self._mark()
         recv = handle.wait(self.comm.timeout_s)
+        self._send = None
         self._events["wait_returned"] = self._mark()
         self._events["complete_before_wait"] = done_before
         return self._read(recv)
@@ -151,7 +153,9 @@ class _Exchange:
         self.shapes = [t.shape for t in tensors]
         self.float_fields = [i for i, t in enumerate(tensors) if t.is_floating_point()]
         send, self.read = _rows_to_send(tensors)
-        self.recv = send.new_empty((sum(outs), *send.shape[1:]))
+        self.device = send.device
+        self.recv: torch.Tensor | None = send.new_empty((sum(outs), *send.shape[1:]))
+        self.send: torch.Tensor | None = send  # kept until the result is taken
         self.handle = comm.all_to_all(send, self.recv, ins, outs, async_op=True)
 
 
@@ -190,6 +194,7 @@ class _TakeAllToAll(torch.autograd.Function):
     def forward(ctx, exchange, link):  # type: ignore[override]
         ctx.exchange = exchange
         outs = exchange.read(exchange.recv)
+        exchange.recv = exchange.send = None  # the outputs hold the rows while something needs them
         ctx.mark_non_differentiable(*[o for o in outs if not o.is_floating_point()])
         return tuple(outs)
 
@@ -201,7 +206,7 @@ class _TakeAllToAll(torch.autograd.Function):
             exchange.backward.issue([grads[i].reshape(grads[i].shape[0], _width(grads[i]))
                                      if len(exchange.float_fields) > 1 else grads[i]
                                      for i in exchange.float_fields], rows_in)
-        return None, torch.zeros(0, dtype=torch.float32, device=exchange.recv.device)
+        return None, torch.zeros(0, dtype=torch.float32, device=exchange.device)
 
 
 def _width(t: torch.Tensor) -> int:
