@@ -9,9 +9,42 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moeport.base.errors import UserError
 from moeport.model.training import PARAMETER_GROUPS, TrainSettings
+from moeport.model.transfer import WidthTransfer, width_transfer
 
 #: K_e's default as a share of the top-k: LongCat-Flash activates about 8 of its 12 slots' FFN experts per token.
 DEFAULT_FFN_SHARE = 8 / 12
+
+
+def _check_groups(value: dict[str, float]) -> dict[str, float]:
+    """Only known parameter groups, each with a multiplier of 0 or more."""
+    for group, multiplier in value.items():
+        if group not in PARAMETER_GROUPS:
+            raise ValueError(f"unknown parameter group {group!r}; expected one of {', '.join(PARAMETER_GROUPS)}")
+        if multiplier < 0:
+            raise ValueError(f"{group}: expected a multiplier of 0 or more, got {multiplier}")
+    return value
+
+
+class WidthTransferSection(BaseModel):
+    """`train.width_transfer`: train this model with the hyperparameters tuned on a narrower proxy.
+
+    proxy_hidden_size is the proxy's width (at most the model's); init_std_multipliers are the proxy's tuned
+    per-group init-std multipliers (default 1; not `norm`: the norms' weights are 1, not drawn), composed with
+    the rule's like train.lr_multipliers (moeport.model.transfer has the rule and its source).
+    """
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    proxy_hidden_size: int = Field(gt=0)
+    init_std_multipliers: dict[str, float] = {}
+
+    @field_validator("init_std_multipliers")
+    @classmethod
+    def _groups(cls, value: dict[str, float]) -> dict[str, float]:
+        """Only known parameter groups that are drawn at random (not norm), each with a multiplier of 0 or more."""
+        if "norm" in value:
+            raise ValueError("norm: the norms' weights start at 1, not drawn: there is no init std to scale")
+        return _check_groups(value)
 
 
 class TrainSection(BaseModel):
@@ -20,7 +53,9 @@ class TrainSection(BaseModel):
     tokens_per_step is the global batch (every rank's rows together), in sequences of seq_len;
     ffn_experts_per_token is the compute-budget controller's target K_e (default 2/3 of the top-k);
     balance_groups is the balance loss's D (default: one group per expert-parallel rank);
-    lr_multipliers scale the learning rate per parameter group (moeport.model.training.PARAMETER_GROUPS).
+    lr_multipliers scale the learning rate per parameter group (moeport.model.training.PARAMETER_GROUPS);
+    width_transfer (optional) maps lr, lr_multipliers and the init, all as tuned on a narrower proxy, to this
+    model's width (see `train_settings` and `init_std_multipliers`).
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
@@ -41,6 +76,7 @@ class TrainSection(BaseModel):
     weight_decay: float = Field(default=0.0, ge=0)
     grad_clip: float = Field(default=1.0, ge=0)
     lr_multipliers: dict[str, float] = {}
+    width_transfer: WidthTransferSection | None = None
 
     @field_validator("adam_betas", mode="before")
     @classmethod
@@ -57,12 +93,7 @@ class TrainSection(BaseModel):
     @classmethod
     def _groups(cls, value: dict[str, float]) -> dict[str, float]:
         """Only known parameter groups, each with a multiplier of 0 or more."""
-        for group, multiplier in value.items():
-            if group not in PARAMETER_GROUPS:
-                raise ValueError(f"unknown parameter group {group!r}; expected one of {', '.join(PARAMETER_GROUPS)}")
-            if multiplier < 0:
-                raise ValueError(f"{group}: expected a multiplier of 0 or more, got {multiplier}")
-        return value
+        return _check_groups(value)
 
 
 def rows_per_step(profile: Any) -> int:
@@ -75,8 +106,35 @@ def rows_per_step(profile: Any) -> int:
     return rows
 
 
+def _width_transfer(profile: Any, config: Any) -> WidthTransfer | None:
+    """The profile's width transfer to the model `config`'s width (None without train.width_transfer); a proxy
+    wider than the model is a UserError."""
+    train = profile.train
+    option = train.width_transfer
+    if option is None:
+        return None
+    if option.proxy_hidden_size > config.hidden_size:
+        raise UserError(f"{profile.source}: train.width_transfer.proxy_hidden_size {option.proxy_hidden_size} exceeds "
+                        f"the model's hidden_size {config.hidden_size}; expected the narrower proxy's width")
+    return width_transfer(option.proxy_hidden_size, config.hidden_size, train.lr_multipliers,
+                          option.init_std_multipliers)
+
+
+def init_std_multipliers(profile: Any, config: Any) -> dict[str, float]:
+    """Per-group init-std multipliers (PARAMETER_GROUPS names) for `init_weights` when training the model `config`
+    from scratch: the width transfer's (the proxy's init_std_multipliers times 1/sqrt(s) for the width-scaled
+    groups), or none without train.width_transfer."""
+    transfer = _width_transfer(profile, config)
+    return {} if transfer is None else dict(transfer.init_std_multipliers)
+
+
 def train_settings(profile: Any, config: Any) -> TrainSettings:
-    """The model package's TrainSettings from a profile's `train:` section, checked against the model `config`."""
+    """The model package's TrainSettings from a profile's `train:` section, checked against the model `config`.
+
+    lr_multipliers: train.lr_multipliers as given; with train.width_transfer, those are read as the proxy's tuned
+    multipliers and each is multiplied by the rule's factor for its group (1/s for unembedding, router,
+    experts and hidden; 1 for embedding and norm), every group then present.
+    """
     train = profile.train
     k_e = train.ffn_experts_per_token or DEFAULT_FFN_SHARE * config.moe_topk
     if k_e > config.moe_topk or (k_e == config.moe_topk and config.zero_expert_num):
@@ -88,5 +146,7 @@ def train_settings(profile: Any, config: Any) -> TrainSettings:
                         "experts")
     fields = {f.name for f in dataclasses.fields(TrainSettings)}
     values = {name: getattr(train, name) for name in fields if hasattr(train, name)}
-    values.update(ffn_experts_per_token=k_e, balance_groups=groups, lr_multipliers=dict(train.lr_multipliers))
+    transfer = _width_transfer(profile, config)
+    multipliers = dict(train.lr_multipliers) if transfer is None else dict(transfer.lr_multipliers)
+    values.update(ffn_experts_per_token=k_e, balance_groups=groups, lr_multipliers=multipliers)
     return TrainSettings(**values)
