@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Callable, ClassVar
 
 import torch
 
@@ -112,6 +112,8 @@ class StepStats:
     grad_norm: float
     ffn_experts_per_token: float
     zero_expert_share: float
+    #: The timing fields: each rank's own, and never the same twice.
+    TIMED: ClassVar[tuple[str, ...]] = ("seconds", "moe_comm_exposed_seconds", "grad_sync_exposed_seconds")
     seconds: float = 0.0
     moe_comm_exposed_seconds: float = 0.0
     grad_sync_exposed_seconds: float = 0.0
@@ -147,6 +149,7 @@ class Trainer:
              for group, params in groups.items()],
             lr=settings.lr, betas=settings.adam_betas, eps=settings.adam_eps, weight_decay=settings.weight_decay)
         self.steps_done = 0
+        self.before_update: list[Callable[[], Any]] = []  # called in every step right before the optimizer's update
         self._routings: list[Routing] = []
         self._hidden: list[torch.Tensor] = []
         self._recording = False  # only the trainer's own forwards are recorded
@@ -251,6 +254,8 @@ class Trainer:
         factor = self.settings.lr_factor(self.steps_done)
         for group in self.optimizer.param_groups:
             group["lr"] = self.settings.lr * group["multiplier"] * factor
+        for call in self.before_update:
+            call()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self._control(slots)

@@ -115,8 +115,9 @@ def run_on_ranks(
     return start_ranks(fn, args, profile, timeout_s)
 
 
-def build_model(rt: Runtime) -> Any:
-    """This rank's model: the profile's checkpoint, or its preset with seeded random weights."""
+def build_model(rt: Runtime, init_std: dict[str, float] | None = None) -> Any:
+    """This rank's model: the profile's checkpoint, or its preset with seeded random weights (each parameter
+    group's std times its `init_std` multiplier, where given)."""
     from moeport.model import LongcatForCausalLM, load_pretrained
     from moeport.model.init import init_weights
 
@@ -124,7 +125,7 @@ def build_model(rt: Runtime) -> Any:
     if kind == "checkpoint":
         return load_pretrained(value, rt)
     config, _ = model_config_of(rt.profile)
-    model = init_weights(LongcatForCausalLM(config, rt), rt.profile.seed)
+    model = init_weights(LongcatForCausalLM(config, rt), rt.profile.seed, init_std)
     return model.place(rt.device, rt.dtype).eval()
 
 

@@ -52,9 +52,8 @@ def test_every_collective_library_gives_the_same_losses():
 
 
 def test_the_cli_trains_saves_and_transformers_reads_the_checkpoint(tmp_path):
-    from reference import load_reference
-
     from moeport.model import load_pretrained
+    from reference import load_reference
 
     config = tmp_path / "p.yaml"
     config.write_text(f"parallel: {{world_size: 2}}\ntrain: {{seq_len: {SEQ}, tokens_per_step: {TOKENS}}}\n")
@@ -73,6 +72,21 @@ def test_the_cli_trains_saves_and_transformers_reads_the_checkpoint(tmp_path):
     assert ours.model.layers[0].mlp.router.e_score_correction_bias.abs().sum() > 0  # the controller's state
     with torch.no_grad():
         assert (ours(ids) - load_reference(saved)(ids).logits).abs().max() <= 1e-4
+
+    # grown to twice the layers, trained on from there: the weights and the routers' biases (the controller's
+    # state) carried; with lr 0 and the controller still, one step leaves them as they were grown
+    grown = tmp_path / "grown"
+    assert run_cli("grow", "--checkpoint", saved, "--out", str(grown)).returncode == 0
+    still = tmp_path / "still.yaml"
+    still.write_text(f"parallel: {{world_size: 2}}\ntrain: {{seq_len: {SEQ}, tokens_per_step: {TOKENS}, lr: 0.0, "
+                     "bias_update_rate: 0.0}\n")
+    result = run_cli("train", "--profile", str(still), "--init", str(grown), "--steps", "1", "--json",
+                     "--checkpoint-dir", str(tmp_path / "ck2"))
+    assert result.returncode == 0, result.stderr
+    after = load_pretrained(last_checkpoint(str(tmp_path / "ck2"))).state_dict()
+    before = load_pretrained(str(grown)).state_dict()
+    assert len(after) == len(before) and all(torch.equal(after[k], before[k]) for k in before)
+    assert after["model.layers.3.mlp.router.e_score_correction_bias"].abs().sum() > 0
 
 
 @pytest.mark.parametrize("yaml_text, where", [
@@ -95,9 +109,52 @@ def test_the_train_section_is_validated(tmp_path, capsys, yaml_text, where):
     (["--resume", "--checkpoint-dir", "{tmp}"], "no complete checkpoint"),
     (["--profile", "{tmp}/p.yaml"], "multiple of train.seq_len"),
     (["--save-every", "-1"], "--save-every"),
+    (["--init", "{tmp}"], "not a checkpoint directory"),
+    (["--init", "{tmp}", "--resume", "--checkpoint-dir", "{tmp}"], "give one"),
 ])
 def test_user_mistakes_exit_2(tmp_path, capsys, args, message):
     (tmp_path / "p.yaml").write_text("train: {seq_len: 10, tokens_per_step: 25}\n")
     assert main(["train", "--steps", "1", *[a.format(tmp=tmp_path) for a in args]]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+
+
+def test_an_injected_bit_flip_stops_the_run_within_one_check_naming_rank_tensor_and_step(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"parallel: {{world_size: 2}}\ntrain: {{seq_len: {SEQ}, tokens_per_step: {TOKENS}}}\n")
+    result = run_cli("train", "--profile", str(config), "--world-size", "2", "--steps", "30", "--check-replicas", "4",
+                     "--inject-sdc", "1:10", "--json")
+    assert result.returncode == 1, result.stderr
+    assert result.stdout.strip() == ""  # no summary: the run stopped
+    line = result.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in result.stderr
+    assert line.startswith("moeport: error: ") and "ReplicaMismatchError: silent data corruption" in line, line
+    assert "replica check after step 12)" in line  # the first check after the flip: within one interval of 4
+    assert "rank 1's copy of model.embed_tokens.weight" in line and "changed in memory after step 10" in line
+
+
+def test_the_sdc_checks_report_their_overhead(tmp_path):
+    config = tmp_path / "p.yaml"
+    config.write_text(f"parallel: {{world_size: 2}}\ntrain: {{seq_len: {SEQ}, tokens_per_step: {TOKENS}}}\n")
+    result = run_cli("train", "--profile", str(config), "--steps", "3", "--check-replicas", "1", "--check-recompute",
+                     "2", "--json")
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert 0 < figures["sdc_check_overhead"] < 2  # the recompute doubles one step in three: about 0.5
+    for share in ("moe_comm_exposed_share", "grad_sync_exposed_share"):  # each step timed on every rank
+        assert 0 < figures[share] < 1, (share, figures)
+    assert "SDC checks" in result.stdout
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--inject-sdc", "1"], "--inject-sdc: expected RANK:STEP"),
+    (["--inject-sdc", "1:x"], "--inject-sdc: expected RANK:STEP"),
+    (["--inject-sdc", "2:1"], "--inject-sdc: rank 2 is not a rank of this run"),
+    (["--inject-sdc", "1:2"], "--inject-sdc: step 2 is outside this run"),
+    (["--check-replicas", "-1"], "--check-replicas"),
+    (["--check-recompute", "-3"], "--check-recompute"),
+])
+def test_bad_sdc_options_exit_2(capsys, args, message):
+    assert main(["train", "--world-size", "2", "--steps", "1", *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
