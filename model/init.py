@@ -20,7 +20,7 @@ from collections.abc import Mapping
 import torch
 
 from moeport.model.lm import LongcatForCausalLM
-from moeport.model.training import PARAMETER_GROUPS, parameter_group
+from moeport.model.training import group_multipliers, parameter_group
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -31,25 +31,14 @@ def _normal(shape: tuple[int, ...], std: float, seed: int, name: str) -> torch.T
     return torch.randn(shape, generator=_generator(seed, name)) * std
 
 
-def _group_stds(base: float, std_multipliers: Mapping[str, float] | None) -> dict[str, float]:
-    """The std of each parameter group: `base` times its multiplier (1 where none is given)."""
-    multipliers = dict(std_multipliers or {})
-    for group, value in multipliers.items():
-        if group not in PARAMETER_GROUPS:
-            raise ValueError(f"std_multipliers: unknown parameter group {group!r}; expected one of "
-                             f"{', '.join(PARAMETER_GROUPS)}")
-        if value < 0:
-            raise ValueError(f"std_multipliers: {group}: expected 0 or more, got {value}")
-    return {group: base * multipliers.get(group, 1.0) for group in PARAMETER_GROUPS}
-
-
 @torch.no_grad()
 def init_weights(model: LongcatForCausalLM, seed: int = 0,
                  std_multipliers: Mapping[str, float] | None = None) -> LongcatForCausalLM:
     """Fill `model` (on the CPU, before `place`): normal(0, initializer_range x its group's multiplier) weights,
     unit norms, zero router biases. `std_multipliers` maps PARAMETER_GROUPS names to multipliers (default 1);
     call it once when training from scratch, with the multipliers of a width transfer if the profile asks."""
-    std = _group_stds(model.config.initializer_range, std_multipliers)
+    std = {group: model.config.initializer_range * multiplier
+           for group, multiplier in group_multipliers(std_multipliers, "std_multipliers").items()}
     for name, tensor in model.state_dict().items():  # checkpoint names; the tensors share the parameters' storage
         if ".mlp.experts." in name:
             continue

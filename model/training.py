@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, Callable, ClassVar
 
 import torch
@@ -80,6 +81,19 @@ class TrainSettings:
 #: The parameter groups a learning-rate multiplier may name: embedding (the input embedding), unembedding
 #: (lm_head), router (its classifier), experts (the FFN experts), norm (every norm's weight), hidden (the rest).
 PARAMETER_GROUPS = ("embedding", "unembedding", "router", "experts", "norm", "hidden")
+
+
+def group_multipliers(multipliers: Mapping[str, float] | None, what: str = "") -> dict[str, float]:
+    """Per-group multipliers (learning rate, init std) with every PARAMETER_GROUPS name present, a missing one 1;
+    a ValueError (starting with `what`, where given) names an unknown group or a negative multiplier."""
+    given = dict(multipliers or {})
+    prefix = f"{what}: " if what else ""
+    for group, value in given.items():
+        if group not in PARAMETER_GROUPS:
+            raise ValueError(f"{prefix}unknown parameter group {group!r}; expected one of {', '.join(PARAMETER_GROUPS)}")
+        if value < 0:
+            raise ValueError(f"{prefix}{group}: expected a multiplier of 0 or more, got {value}")
+    return {group: float(given.get(group, 1.0)) for group in PARAMETER_GROUPS}
 
 
 def parameter_group(name: str) -> str:
@@ -321,5 +335,5 @@ class Trainer:
                                s.ffn_experts_per_token, config.moe_topk, rate)
 
 
-__all__ = ["PARAMETER_GROUPS", "NonFiniteError", "StepStats", "TrainSettings", "Trainer", "is_expert_parameter",
-           "parameter_group"]
+__all__ = ["PARAMETER_GROUPS", "NonFiniteError", "StepStats", "TrainSettings", "Trainer", "group_multipliers",
+           "is_expert_parameter", "parameter_group"]

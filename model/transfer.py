@@ -25,7 +25,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 
-from moeport.model.training import PARAMETER_GROUPS
+from moeport.model.training import PARAMETER_GROUPS, group_multipliers
 
 # The width-scaling rule: LongCat-Flash Technical Report (Meituan LongCat Team, arXiv 2509.01322), its
 # hyperparameter transfer section. They tuned a width-768 proxy and transferred with s = 8 (to 6144).
@@ -53,18 +53,6 @@ def width_factors(width_ratio: float) -> tuple[dict[str, float], dict[str, float
     return lr, std
 
 
-def _checked(multipliers: Mapping[str, float] | None, what: str) -> dict[str, float]:
-    """Per-group multipliers, every group present (a missing one is 1), each a known group and 0 or more."""
-    multipliers = dict(multipliers or {})
-    for group, value in multipliers.items():
-        if group not in PARAMETER_GROUPS:
-            raise ValueError(f"{what}: unknown parameter group {group!r}; expected one of "
-                             f"{', '.join(PARAMETER_GROUPS)}")
-        if value < 0:
-            raise ValueError(f"{what}: {group}: expected a multiplier of 0 or more, got {value}")
-    return {group: float(multipliers.get(group, 1.0)) for group in PARAMETER_GROUPS}
-
-
 def width_transfer(proxy_hidden_size: int, hidden_size: int, proxy_lr_multipliers: Mapping[str, float] | None = None,
                    proxy_init_std_multipliers: Mapping[str, float] | None = None) -> WidthTransfer:
     """Map a proxy of width `proxy_hidden_size`, tuned with per-group multipliers (learning rate, init std; a
@@ -78,8 +66,8 @@ def width_transfer(proxy_hidden_size: int, hidden_size: int, proxy_lr_multiplier
         raise ValueError(f"widths must be positive, got proxy {proxy_hidden_size} and model {hidden_size}")
     ratio = hidden_size / proxy_hidden_size
     lr_factor, std_factor = width_factors(ratio)
-    lr = _checked(proxy_lr_multipliers, "proxy learning-rate multipliers")
-    std = _checked(proxy_init_std_multipliers, "proxy init-std multipliers")
+    lr = group_multipliers(proxy_lr_multipliers, "proxy learning-rate multipliers")
+    std = group_multipliers(proxy_init_std_multipliers, "proxy init-std multipliers")
     return WidthTransfer(ratio, {g: lr[g] * lr_factor[g] for g in PARAMETER_GROUPS},
                          {g: std[g] * std_factor[g] for g in PARAMETER_GROUPS})
 

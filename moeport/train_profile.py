@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from moeport.base.errors import UserError
-from moeport.model.training import PARAMETER_GROUPS, TrainSettings
+from moeport.model.training import TrainSettings, group_multipliers
 from moeport.model.transfer import WidthTransfer, width_transfer
 
 #: K_e's default as a share of the top-k: LongCat-Flash activates about 8 of its 12 slots' FFN experts per token.
@@ -16,12 +16,8 @@ DEFAULT_FFN_SHARE = 8 / 12
 
 
 def _check_groups(value: dict[str, float]) -> dict[str, float]:
-    """Only known parameter groups, each with a multiplier of 0 or more."""
-    for group, multiplier in value.items():
-        if group not in PARAMETER_GROUPS:
-            raise ValueError(f"unknown parameter group {group!r}; expected one of {', '.join(PARAMETER_GROUPS)}")
-        if multiplier < 0:
-            raise ValueError(f"{group}: expected a multiplier of 0 or more, got {multiplier}")
+    """Only known parameter groups, each with a multiplier of 0 or more (as given)."""
+    group_multipliers(value)
     return value
 
 
