@@ -113,9 +113,10 @@ def replica_verdict(names: list[str], sums: torch.Tensor, seen: torch.Tensor, st
         majority = values[counts.argmax()]
         culprits = (sums[:, t] != majority).nonzero().flatten().tolist()
         return (f"{head}: {names[t]} differs on {_ranks(culprits)} (the other {world - len(culprits)} ranks agree; "
-                f"no rank's own record shows a change in memory: a wrong computation or a change during a step){more}")
+                "no rank's own record shows a change in memory: a wrong computation, or a change during an "
+                f"update){more}")
     return (f"{head}: the copies of {names[t]} differ between {_ranks(list(range(world)))} (no majority, and no "
-            f"rank's own record shows which changed: a wrong computation or a change during a step){more}")
+            f"rank's own record shows which changed: a wrong computation, or a change during an update){more}")
 
 
 class ReplicaChecker:

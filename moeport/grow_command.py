@@ -13,14 +13,11 @@ it under a temporary name and renamed onto it once complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
-import secrets
 import shutil
-from collections.abc import Iterator
 from typing import Any
 
-from moeport.base.atomic import make_folder
+from moeport.base.atomic import atomic_folder
 from moeport.base.errors import UserError, WriteError
 
 #: Files besides the weights and config.json that a grown checkpoint keeps as they were.
@@ -72,30 +69,6 @@ def check_destination(path: str) -> None:
         raise UserError(f"--out {path}: exists and is not a directory; expected a new or empty directory")
     if os.listdir(path):
         raise UserError(f"--out {path}: exists and is not empty; expected a new or empty directory")
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str) -> Iterator[str]:
-    """A temporary directory beside `path`, renamed onto it (new, or empty) only if the block completes.
-
-    A failure leaves `path` as it was and removes the temporary directory; an OSError of
-    the rename is a WriteError naming `path`.
-    """
-    parent = os.path.dirname(os.path.abspath(path))
-    make_folder(parent, path)
-    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.{secrets.token_hex(4)}.tmp")
-    try:
-        os.mkdir(tmp)
-    except OSError as exc:
-        raise WriteError(path, exc.strerror or str(exc), exc.errno) from exc
-    try:
-        yield tmp
-        try:
-            os.replace(tmp, path)  # onto an empty directory as onto nothing
-        except OSError as exc:
-            raise WriteError(path, exc.strerror or str(exc), exc.errno) from exc
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _carry_files(source: str, folder: str) -> list[str]:

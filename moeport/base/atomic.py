@@ -1,6 +1,6 @@
 """Writing files so that an interrupted or failed write never leaves a half-written file under the final name.
 
-Every file moeport writes goes through `atomic_path`: the writer fills a
+Every file moeport writes goes through `atomic_path` (a whole folder, `atomic_folder`): the writer fills a
 temporary file beside the final one, which is fsynced and renamed onto the final
 name. The file gets the mode a plain `open(path, "w")` gives under the current
 umask (0644 under umask 022): the temporary file is created like one, and keeps
@@ -20,6 +20,7 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 
@@ -117,3 +118,27 @@ def write_text(path: str, text: str) -> None:
     """Write `text` to `path` atomically (UTF-8); a WriteError if it cannot be written."""
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str) -> Iterator[str]:
+    """A temporary directory beside `path`, renamed onto it (new, or empty) only if the block completes.
+
+    A failure leaves `path` as it was and removes the temporary directory; an OSError of
+    the rename is a WriteError naming `path`.
+    """
+    parent = os.path.dirname(os.path.abspath(path))
+    make_folder(parent, path)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(path))}.{secrets.token_hex(4)}.tmp")
+    try:
+        os.mkdir(tmp)
+    except OSError as exc:
+        raise WriteError(path, _cause(exc), exc.errno) from exc
+    try:
+        yield tmp
+        try:
+            os.replace(tmp, path)  # onto an empty directory as onto nothing
+        except OSError as exc:
+            raise WriteError(path, _cause(exc), exc.errno) from exc
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
