@@ -104,6 +104,16 @@ def tensor_files(path: str) -> dict[str, str]:
         return {name: single for name in f.keys()}
 
 
+def stored_dtype(path: str) -> torch.dtype:
+    """The dtype a checkpoint directory's weights are stored in: that of its lm_head (its embedding when tied)."""
+    files = tensor_files(path)
+    name = "lm_head.weight" if "lm_head.weight" in files else "model.embed_tokens.weight"
+    if name not in files:
+        raise UserError(f"{path}: holds neither lm_head.weight nor model.embed_tokens.weight")
+    with _open(files[name]) as f:
+        return _get_tensor(f, files[name], name).dtype
+
+
 def _expected_tensors(model: LongcatForCausalLM) -> dict[str, tuple[int, ...]]:
     """Checkpoint name -> shape of every tensor this rank's model needs."""
     c = model.config

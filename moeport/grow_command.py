@@ -5,7 +5,8 @@ Reads a Hugging Face checkpoint directory (as `moeport train` and transformers'
 layer i is old layer i mod L, routers' expert biases and every FFN expert included) and
 writes the grown model to `--out` in the same format, which `load_pretrained`,
 transformers' LongcatFlashForCausalLM and `moeport train --init` read. The weights are
-written in float32 (as read on the CPU); generation_config.json and the tokenizer's
+written in the dtype they were stored in (the router's classifier in float32, as always);
+generation_config.json and the tokenizer's
 files are copied. `--out` appears whole or not at all: the directory is written beside
 it under a temporary name and renamed onto it once complete.
 """
@@ -87,6 +88,7 @@ def _carry_files(source: str, folder: str) -> list[str]:
 def run(args: argparse.Namespace) -> int:
     """`moeport grow`: check the arguments, grow the checkpoint, write it to --out, print one line."""
     from moeport.model import load_pretrained, parameter_counts, save_pretrained
+    from moeport.model.checkpoint import stored_dtype
     from moeport.model.growth import grow_model
 
     factor = args.factor
@@ -94,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--factor: expected an integer of at least 1, got {factor!r}")
     check_source(args.checkpoint)
     check_destination(args.out)
-    model = load_pretrained(args.checkpoint)
+    model = load_pretrained(args.checkpoint, dtype=stored_dtype(args.checkpoint))  # written back as it was stored
     layers = model.config.num_layers
     grown = grow_model(model, factor)
     del model

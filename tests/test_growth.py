@@ -138,6 +138,17 @@ def test_the_command_writes_the_grown_checkpoint(source, tmp_path):
     assert len(again.model.layers) == 6 and again.generation_defaults.eos_token_ids == (5, 6)
 
 
+def test_the_command_keeps_the_stored_dtype(source, tmp_path):
+    bf16 = str(tmp_path / "bf16")
+    save_pretrained(load_pretrained(source[0], dtype=torch.bfloat16), bf16, zero_expert_slots=True)
+    assert main(["grow", "--checkpoint", bf16, "--out", str(tmp_path / "out")]) == 0
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), "pt") as f:
+        dtypes = {name: f.get_tensor(name).dtype for name in f.keys()}
+    assert dtypes["model.layers.3.mlp.experts.0.down_proj.weight"] == torch.bfloat16
+    assert dtypes["lm_head.weight"] == torch.bfloat16 and len(dtypes) > 20
+
+
 @pytest.mark.parametrize("args, needle", [
     (["--checkpoint", "{tmp}/nothing"], "no such directory"),
     (["--checkpoint", "{tmp}"], "no config.json"),
