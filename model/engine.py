@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from moeport.model.generation import FROM_CHECKPOINT, left_pad, pick_next_token, stop_and_pad
+from moeport.model.generation import FROM_CHECKPOINT, left_pad, pick_next_token, seeded_generator, stop_and_pad
 
 if TYPE_CHECKING:
     from moeport.model.lm import LongcatForCausalLM
@@ -205,11 +205,7 @@ class Engine:
 
     def _generator(self, sampling: Sampling) -> torch.Generator | None:
         """A sampled request's own generator, seeded (None for a greedy one)."""
-        if not sampling.do_sample:
-            return None
-        generator = torch.Generator(device=self.model.device)
-        generator.manual_seed(torch.initial_seed() if sampling.seed is None else sampling.seed)
-        return generator
+        return seeded_generator(self.model.device, sampling.seed) if sampling.do_sample else None
 
     def _admit(self) -> list[_Request]:
         """Move waiting requests into free slots (first come, first served) while their padded prefill fits

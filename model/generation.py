@@ -103,6 +103,13 @@ def pick_next_token(
     return torch.multinomial(scores.softmax(-1), 1, generator=generator)
 
 
+def seeded_generator(device: torch.device, seed: int | None) -> torch.Generator:
+    """A generator on `device` for sampling, seeded with `seed` (None: torch's initial seed)."""
+    generator = torch.Generator(device=device)
+    generator.manual_seed(torch.initial_seed() if seed is None else seed)
+    return generator
+
+
 def every_rank_stopped(model: "LongcatForCausalLM", stopped: torch.Tensor) -> bool:
     """Whether every sequence has stopped, on every expert-parallel rank: each step is a collective (the experts'
     exchange), so the ranks, each with its own sequences, stop together."""
@@ -120,10 +127,7 @@ def generate(
     """LongcatForCausalLM.generate (see there)."""
     input_ids = input_ids.to(model.device)
     stops, pad = stop_and_pad(model.generation_defaults, eos_token_id, pad_token_id)
-    generator = None
-    if do_sample:
-        generator = torch.Generator(device=model.device)
-        generator.manual_seed(torch.initial_seed() if seed is None else seed)
+    generator = seeded_generator(model.device, seed) if do_sample else None
     tokens = [input_ids]
     batch = input_ids.shape[0]
     with torch.inference_mode():

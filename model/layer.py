@@ -23,11 +23,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from moeport.model.cache import LatentCache
 from moeport.model.config import LongcatConfig
 from moeport.model.exchange import ExpertExchange
 from moeport.model.experts import ExpertFFNs
 from moeport.model.ffn import SwiGLU
-from moeport.model.cache import LatentCache
 from moeport.model.mla import MLA, Projected
 from moeport.model.norm import RMSNorm
 from moeport.model.router import Router, Routing, zero_expert_output

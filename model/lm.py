@@ -14,12 +14,12 @@ from torch import nn
 
 from moeport.base.buffers import cannot_write_here
 from moeport.collectives.expert_layout import ExpertLayout
+from moeport.model.cache import Caches
 from moeport.model.config import LongcatConfig
 from moeport.model.context import ModelContext, ProvidesModelContext, context_of
 from moeport.model.exchange import new_exchange
 from moeport.model.generation import FROM_CHECKPOINT, GenerationDefaults, generate
 from moeport.model.layer import ScMoELayer
-from moeport.model.cache import Caches
 from moeport.model.mla import rope_cos_sin, rope_inverse_frequencies
 from moeport.model.norm import RMSNorm
 from moeport.model.timeline import Timeline

@@ -111,10 +111,10 @@ def run_steps(steps: Iterable[Step], state: Any, schedule: str = "overlap", time
         elif isinstance(step, Issue):
             issued = timeline.mark() if timeline is not None else None
             op = in_flight[step.name] = _InFlight(step.run(state), issued)
-            if timeline is not None and op.handle.backward is not None:  # its gradients' way back, timed too
-                timeline.add_backward(f"{step.name}_backward", op.handle.backward)
             if timeline is not None:
                 op.issue_returned = timeline.mark()
+                if op.handle.backward is not None:  # its gradients' way back, timed too
+                    timeline.add_backward(f"{step.name}_backward", op.handle.backward)
                 if op.handle.is_completed():
                     op.completed = op.issue_returned  # nothing travelled (a local exchange)
             if schedule == "sequential":

@@ -38,7 +38,8 @@ from moeport.model.objective import (
     update_expert_bias,
 )
 from moeport.model.router import Routing
-from moeport.model.timeline import Timeline
+from moeport.model.timeline import Timeline, summarize
+
 
 class NonFiniteError(RuntimeError):
     """A NaN or Inf appeared: in which step, on which rank, in which tensor first."""
@@ -249,7 +250,7 @@ class Trainer:
         if timeline is None:
             return stats
         end = timeline.mark()
-        moe = sum(min(s.exposed_ms, s.ms) for s in timeline.spans() if s.track == "comm") / 1e3
+        moe = summarize(timeline.spans())["exposed_comm_seconds"]  # every comm span on it is a MoE exchange
         sync = sum(a.elapsed_time(b) for a, b in self.grad_sync.blocked) / 1e3 if self.grad_sync is not None else 0.0
         return dataclasses.replace(stats, seconds=start.elapsed_time(end) / 1e3, moe_comm_exposed_seconds=moe,
                                    grad_sync_exposed_seconds=sync)

@@ -91,9 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from moeport.model.checkpoint import stored_dtype
     from moeport.model.growth import grow_model
 
-    factor = args.factor
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise UserError(f"--factor: expected an integer of at least 1, got {factor!r}")
+    factor = args.factor  # an integer of at least 1: the parser's `_factor` checked it
     check_source(args.checkpoint)
     check_destination(args.out)
     model = load_pretrained(args.checkpoint, dtype=stored_dtype(args.checkpoint))  # written back as it was stored
